@@ -1,0 +1,65 @@
+"""The prepared-split format: what `prepare` writes and what train, evaluate and visualize read.
+
+One `<split>.pt` file per split (train, val, test) in the prepared folder, written with `torch.save` and read
+with `torch.load(..., weights_only=True, mmap=True)`, so loading 14k images at 150 px is a memory map, not a
+decode. DVC hashes a handful of files instead of thousands.
+
+Each file holds a dict:
+    images:  uint8  (N, 3, S, S)  RGB, already resized to img_size S
+    labels:  int64  (N,)          index into `classes`
+    masks:   uint8  (N, S, S)     ground-truth evidence masks (255 = evidence), or None when the source has none
+    files:   list[str]            source path of each image, relative to data.source
+    classes: list[str]            sorted class names, the same in every split
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from attention_cnn.errors import UserError
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class PreparedSplit:
+    images: torch.Tensor        # (N, 3, S, S) uint8
+    labels: torch.Tensor        # (N,) int64
+    masks: torch.Tensor | None  # (N, S, S) uint8, or None
+    files: list[str]
+    classes: list[str]
+
+    def __len__(self) -> int:
+        return self.labels.shape[0]
+
+    @property
+    def img_size(self) -> int:
+        return self.images.shape[-1]
+
+
+def split_path(prepared_dir: Path | str, split: str) -> Path:
+    return Path(prepared_dir) / f"{split}.pt"
+
+
+def save_split(prepared_dir: Path | str, split: str, data: PreparedSplit) -> Path:
+    """Write one split atomically: a killed run never leaves a half-written file under the final name."""
+    path = split_path(prepared_dir, split)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".pt.tmp")
+    torch.save({"images": data.images.contiguous(), "labels": data.labels, "masks": data.masks,
+                "files": list(data.files), "classes": list(data.classes)}, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_split(prepared_dir: Path | str, split: str) -> PreparedSplit:
+    path = split_path(prepared_dir, split)
+    if not path.is_file():
+        raise UserError(f"{path}: prepared split not found. Run `dvc repro prepare` first.")
+    blob = torch.load(path, weights_only=True, mmap=True)
+    return PreparedSplit(images=blob["images"], labels=blob["labels"], masks=blob["masks"],
+                         files=list(blob["files"]), classes=list(blob["classes"]))

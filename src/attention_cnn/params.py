@@ -1,0 +1,210 @@
+"""The one place where params.yaml is read and validated.
+
+Every stage calls `load_params()` first, so a wrong type, an out-of-range value or an unknown key stops
+the run before any work is done, with a message that names the key and what it accepts.
+Each section is a frozen dataclass; a field's `metadata` says what values it accepts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from attention_cnn.errors import UserError
+
+ATTENTION_VARIANTS = ("none", "dense", "conv", "spatial", "ltpa")
+RESIZE_POLICIES = ("stretch", "center_crop", "pad")
+LR_SCHEDULES = ("cosine", "step", "constant")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class ParamsError(UserError):
+    """params.yaml is missing, malformed, or holds a value a stage cannot use."""
+
+
+def _int(lo: int | None = None, hi: int | None = None) -> dict:
+    return {"kind": int, "lo": lo, "hi": hi}
+
+
+def _float(lo: float | None = None, hi: float | None = None, lo_open: bool = False, hi_open: bool = False) -> dict:
+    return {"kind": float, "lo": lo, "hi": hi, "lo_open": lo_open, "hi_open": hi_open}
+
+
+def _choice(*choices: str) -> dict:
+    return {"kind": str, "choices": choices}
+
+
+def _str() -> dict:
+    return {"kind": str}
+
+
+def _bool() -> dict:
+    return {"kind": bool}
+
+
+@dataclass(frozen=True)
+class SampleParams:
+    images_per_class: int = field(default=200, metadata=_int(6, 100_000))
+    image_size: int = field(default=150, metadata=_int(32, 1024))
+    jpeg_quality: int = field(default=90, metadata=_int(1, 95))
+
+
+@dataclass(frozen=True)
+class DataParams:
+    source: str = field(default="data/sample", metadata=_str())
+    val_fraction: float = field(default=0.15, metadata=_float(0.0, 0.5, lo_open=True))
+    test_fraction: float = field(default=0.15, metadata=_float(0.0, 0.5, lo_open=True))
+    resize: str = field(default="stretch", metadata=_choice(*RESIZE_POLICIES))
+    workers: int = field(default=0, metadata=_int(0, 256))
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    attention: str = field(default="conv", metadata=_choice(*ATTENTION_VARIANTS))
+    channels: int = field(default=64, metadata=_int(1, 1024))
+    hidden: int = field(default=256, metadata=_int(1, 65_536))
+    dropout: float = field(default=0.5, metadata=_float(0.0, 1.0, hi_open=True))
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    epochs: int = field(default=15, metadata=_int(1, 10_000))
+    batch_size: int = field(default=64, metadata=_int(1, 65_536))
+    lr: float = field(default=0.002, metadata=_float(0.0, 10.0, lo_open=True))
+    weight_decay: float = field(default=0.0001, metadata=_float(0.0, 1.0))
+    lr_schedule: str = field(default="cosine", metadata=_choice(*LR_SCHEDULES))
+    patience: int = field(default=5, metadata=_int(1, 10_000))
+    augment: bool = field(default=True, metadata=_bool())
+    max_shift: float = field(default=0.1, metadata=_float(0.0, 0.5))
+    device: str = field(default="auto", metadata=_choice(*DEVICES))
+    compile: bool = field(default=False, metadata=_bool())
+    nproc: int = field(default=1, metadata=_int(1, 1024))
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    batch_size: int = field(default=256, metadata=_int(1, 65_536))
+    faithfulness_images: int = field(default=60, metadata=_int(1, 100_000))
+    faithfulness_steps: int = field(default=16, metadata=_int(2, 1024))
+
+
+@dataclass(frozen=True)
+class VisualizeParams:
+    num_images: int = field(default=12, metadata=_int(1, 10_000))
+    per_class: int = field(default=6, metadata=_int(1, 100))
+    alpha: float = field(default=0.5, metadata=_float(0.0, 1.0))
+    colormap: str = field(default="jet", metadata=_str())
+
+
+@dataclass(frozen=True)
+class Params:
+    seed: int = field(default=42, metadata=_int(0, 2**32 - 1))
+    img_size: int = field(default=64, metadata=_int(16, 1024))
+    sample: SampleParams = field(default_factory=SampleParams)
+    data: DataParams = field(default_factory=DataParams)
+    model: ModelParams = field(default_factory=ModelParams)
+    train: TrainParams = field(default_factory=TrainParams)
+    evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+    visualize: VisualizeParams = field(default_factory=VisualizeParams)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def source_path(self, root: Path | str = ".") -> Path:
+        """`data.source` as a path: absolute as given, or relative to the repo root."""
+        source = Path(os.path.expanduser(self.data.source))
+        return source if source.is_absolute() else Path(root) / source
+
+
+def _describe(spec: dict) -> str:
+    kind = spec["kind"]
+    if "choices" in spec:
+        return "one of " + ", ".join(repr(c) for c in spec["choices"])
+    if kind is bool:
+        return "true or false"
+    if kind is str:
+        return "a string"
+    noun = "an integer" if kind is int else "a number"
+    lo, hi = spec.get("lo"), spec.get("hi")
+    lo_op = ">" if spec.get("lo_open") else ">="
+    hi_op = "<" if spec.get("hi_open") else "<="
+    if lo is not None and hi is not None:
+        return f"{noun} {lo_op} {lo} and {hi_op} {hi}"
+    if lo is not None:
+        return f"{noun} {lo_op} {lo}"
+    return noun
+
+
+def _check_value(key: str, value: Any, spec: dict) -> Any:
+    kind = spec["kind"]
+    wanted = _describe(spec)
+    if kind is bool:
+        ok = isinstance(value, bool)
+    elif kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    else:
+        ok = isinstance(value, str) and value != ""
+    if ok and "choices" in spec:
+        ok = value in spec["choices"]
+    if ok and kind in (int, float):
+        lo, hi = spec.get("lo"), spec.get("hi")
+        if lo is not None:
+            ok = value > lo if spec.get("lo_open") else value >= lo
+        if ok and hi is not None:
+            ok = value < hi if spec.get("hi_open") else value <= hi
+    if not ok:
+        raise ParamsError(f"params.yaml: '{key}' must be {wanted}, got {value!r}. Fix it in params.yaml "
+                          f"or pass a valid value with `dvc exp run -S {key}=...`.")
+    return value
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    where = f"section '{prefix.rstrip('.')}'" if prefix else "the top level"
+    if not isinstance(raw, dict):
+        raise ParamsError(f"params.yaml: {where} must be a mapping of keys to values, got {raw!r}.")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ParamsError(f"params.yaml: unknown key '{prefix}{unknown[0]}' in {where}. "
+                          f"Allowed keys: {', '.join(fields)}.")
+    values = {}
+    for name, f in fields.items():
+        if name not in raw:
+            continue  # the dataclass default applies
+        key = prefix + name
+        if isinstance(f.default_factory, type):  # a nested section
+            values[name] = _build(f.default_factory, raw[name], key + ".")
+        else:
+            values[name] = _check_value(key, raw[name], f.metadata)
+    return cls(**values)
+
+
+def parse_params(raw: Any) -> Params:
+    """Validate a params mapping (as read from params.yaml) and return typed Params."""
+    if raw is None:
+        raw = {}
+    params = _build(Params, raw, "")
+    if params.data.val_fraction + params.data.test_fraction >= 0.9:
+        raise ParamsError("params.yaml: 'data.val_fraction' + 'data.test_fraction' must be < 0.9 so that "
+                          f"training keeps data, got {params.data.val_fraction} + {params.data.test_fraction}.")
+    return params
+
+
+def load_params(path: Path | str = "params.yaml") -> Params:
+    """Read and validate params.yaml. Raises ParamsError naming the key at fault."""
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"{path}: not found. Run from the repository root, where params.yaml lives.")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path}: not valid YAML ({exc}).") from exc
+    return parse_params(raw)
