@@ -66,7 +66,7 @@ class DataParams:
 @dataclass(frozen=True)
 class ModelParams:
     attention: str = field(default="conv", metadata=_choice(*ATTENTION_VARIANTS))
-    channels: int = field(default=64, metadata=_int(1, 1024))
+    channels: int = field(default=32, metadata=_int(1, 1024))
     hidden: int = field(default=256, metadata=_int(1, 65_536))
     dropout: float = field(default=0.5, metadata=_float(0.0, 1.0, hi_open=True))
 

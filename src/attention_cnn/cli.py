@@ -1,0 +1,88 @@
+"""`attention-cnn`: the command line. `attention-cnn --help` lists every command.
+
+    attention-cnn predict --model models/model.pt --images FOLDER --out DIR   classify any folder of images
+    attention-cnn evaluate                                                    the evaluate stage, outside DVC
+    attention-cnn visualize                                                   the visualize stage, outside DVC
+
+evaluate and visualize read params.yaml and write exactly what their DVC stages write (`dvc repro` is the
+usual way to run them; these are for a quick look after changing only code).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from attention_cnn.errors import exit_on_user_error
+from attention_cnn.params import VisualizeParams, load_params
+
+
+def _predict(args: argparse.Namespace) -> None:
+    from attention_cnn.predict import predict_folder  # imported per command: `--help` stays fast
+
+    predict_folder(args.model, args.images, args.out, top_k=args.top_k, batch_size=args.batch_size,
+                   figures=not args.no_figures, colormap=args.colormap, alpha=args.alpha, workers=args.workers)
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    from attention_cnn.evaluate import evaluate
+
+    result = evaluate(load_params(args.params), prepared_dir=args.prepared, model_path=args.model,
+                      metrics_dir=args.metrics_dir, out_dir=args.out)
+    print(f"evaluate: accuracy {result.metrics['accuracy']:.4f}, macro F1 {result.metrics['macro/f1']:.4f} "
+          f"-> {args.metrics_dir}/metrics.json, {args.out}/")
+
+
+def _visualize(args: argparse.Namespace) -> None:
+    from attention_cnn.visualize import visualize
+
+    result = visualize(load_params(args.params), prepared_dir=args.prepared, model_path=args.model, out_dir=args.out)
+    print(f"visualize: {len(result.image_files)} images and {len(result.grid_files)} class grids -> {args.out}/")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="attention-cnn",
+        description="A CNN with learned soft attention: predict on any folder, evaluate, visualize.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    predict = commands.add_parser(
+        "predict", help="classify every image in a folder; write predictions.csv and a before/after figure each",
+        description="Classify every image file under --images (recursively; labelled or not) and write "
+                    "predictions.csv, skipped.csv and one input|before|mask|after figure per image into --out.")
+    predict.add_argument("--model", default="models/model.pt", help="trained model file (default: %(default)s)")
+    predict.add_argument("--images", required=True, help="folder of images, searched recursively")
+    predict.add_argument("--out", required=True, help="output folder (replaced as a whole; created if missing)")
+    predict.add_argument("--top-k", type=int, default=3, help="classes listed per image (default: %(default)s)")
+    predict.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default: %(default)s)")
+    predict.add_argument("--no-figures", action="store_true", help="write the CSV files only (much faster)")
+    predict.add_argument("--colormap", default=VisualizeParams.colormap,
+                         help="matplotlib colormap of the figures (default: %(default)s)")
+    predict.add_argument("--alpha", type=float, default=VisualizeParams.alpha,
+                         help="overlay opacity of the figures (default: %(default)s)")
+    predict.add_argument("--workers", type=int, default=0, help="decode processes; 0 = one per core (default)")
+    predict.set_defaults(run=_predict)
+
+    for name, run, helptext in (("evaluate", _evaluate, "the evaluate stage: test metrics, attention quality, "
+                                                        "confusion matrix, misclassified gallery"),
+                                ("visualize", _visualize, "the visualize stage: before/after figures and class grids")):
+        sub = commands.add_parser(name, help=helptext, description=helptext[0].upper() + helptext[1:] + ".")
+        sub.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
+        sub.add_argument("--prepared", default="data/prepared", help="prepared splits (default: %(default)s)")
+        sub.add_argument("--model", default="models/model.pt", help="trained model (default: %(default)s)")
+        if name == "evaluate":
+            sub.add_argument("--metrics-dir", default="metrics/evaluate", help="DVCLive folder (default: %(default)s)")
+            sub.add_argument("--out", default="output/evaluate", help="plots folder (default: %(default)s)")
+        else:
+            sub.add_argument("--out", default="output/visualize", help="figures folder (default: %(default)s)")
+        sub.set_defaults(run=run)
+    return parser
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    args.run(args)
+
+
+if __name__ == "__main__":
+    main()

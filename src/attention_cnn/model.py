@@ -1,0 +1,341 @@
+"""The attention CNN: a small conv trunk, a soft-attention mask over its last feature map, and an MLP head.
+
+References:
+1) the seed project, "Visualizing the Attention Mechanism in CNN": its attention is a dense layer over the
+   flattened final feature map, mask = sigmoid(w * ReLU(W x + b)), multiplied into the map (`dense` here).
+2) Jetley, Lord, Lee, Torr, "Learn To Pay Attention", ICLR 2018: local features are scored against a
+   global feature, a softmax over positions turns the scores into a mask that sums to 1, and the
+   attention-weighted sum of the local features is what the classifier sees (`ltpa` here).
+
+Every variant shares one interface, features (B, C, h, w) in -> `Masked(mask, attended)` out, and the model
+returns an `AttentionOutput`, so visualization and metrics never ask which variant made the mask.
+`conv` (the default) is the seed's formula with W shared across positions, a 1x1 convolution: C^2 weights
+at any image size instead of the seed's (C*h*w)^2, which is 1.7 billion at 150 px.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from attention_cnn.errors import UserError
+from attention_cnn.params import ModelParams
+
+# Training a weight with Adam in fp32 keeps 4 copies of it: the weight, its gradient, and Adam's two moments.
+TRAIN_BYTES_PER_WEIGHT = 16
+INFER_BYTES_PER_WEIGHT = 4
+
+
+class AttentionOutput(NamedTuple):
+    logits: torch.Tensor    # (B, K)
+    features: torch.Tensor  # (B, C, h, w) final conv map, before the mask
+    mask: torch.Tensor      # (B, C or 1, h, w) in [0, 1], broadcastable to features
+    attended: torch.Tensor  # (B, C, h, w) features * mask
+
+
+class Masked(NamedTuple):
+    mask: torch.Tensor      # (B, C or 1, h, w)
+    attended: torch.Tensor  # (B, C, h, w)
+
+
+def feature_size(img_size: int) -> int:
+    """Side h = w of the final feature map: three 2x2 max-pools, each rounding down."""
+    return img_size // 8
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Memory guard for the seed's dense attention
+
+
+def available_memory_bytes(device: torch.device | str) -> tuple[int, str]:
+    """Memory a new allocation can use on `device`, and a word on where the number comes from."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return free, f"free memory on {torch.cuda.get_device_name(device)}"
+    # CPU: MemAvailable is what the kernel can hand out without swapping. A container may be capped lower by
+    # its cgroup, so take the smaller of the two. (psutil would do this, but it is not a dependency.)
+    available = None
+    meminfo = Path("/proc/meminfo")
+    if meminfo.is_file():
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                available = int(line.split()[1]) * 1024
+    cgroup_max, cgroup_current = Path("/sys/fs/cgroup/memory.max"), Path("/sys/fs/cgroup/memory.current")
+    if cgroup_max.is_file() and cgroup_current.is_file():
+        limit = cgroup_max.read_text().strip()
+        if limit != "max":
+            headroom = int(limit) - int(cgroup_current.read_text().strip())
+            available = headroom if available is None else min(available, headroom)
+    if available is None:  # not Linux: physical memory is the best estimate we have without psutil
+        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return available, "available RAM"
+
+
+def dense_attention_bytes(channels: int, img_size: int, batch_size: int = 64, training: bool = True) -> int:
+    """Bytes the seed's dense attention needs: F*F + 2F weights (W, b, w) plus its activations, F = C*h*w."""
+    num_features = channels * feature_size(img_size) ** 2
+    num_weights = num_features * num_features + 2 * num_features
+    if not training:
+        return num_weights * INFER_BYTES_PER_WEIGHT
+    # Activations kept for backward: the input, W x + b, its ReLU, the sigmoid, and their gradients (fp32).
+    activations = 8 * batch_size * num_features * 4
+    return num_weights * TRAIN_BYTES_PER_WEIGHT + activations
+
+
+def check_dense_fits(channels: int, img_size: int, device: torch.device | str = "cpu",
+                     batch_size: int = 64, training: bool = True) -> None:
+    """Refuse, before allocating anything, a dense attention layer that would not fit the memory at hand."""
+    needed = dense_attention_bytes(channels, img_size, batch_size, training)
+    available, where = available_memory_bytes(device)
+    if needed > available:
+        num_features = channels * feature_size(img_size) ** 2
+        what = "to train with Adam" if training else "to hold"
+        raise UserError(
+            f"params.yaml: 'model.attention' dense at img_size={img_size} with model.channels={channels} is a "
+            f"{num_features:,} x {num_features:,} layer ({num_features ** 2 / 1e9:.2f} billion weights) and needs "
+            f"about {needed / 1e9:.1f} GB {what}, but only {available / 1e9:.1f} GB of {where} is at hand on "
+            f"{torch.device(device).type}. Use the same mechanism with weights shared across positions: "
+            f"`dvc exp run -S model.attention=conv` (or lower img_size / model.channels).")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Attention variants: features (B, C, h, w) in, Masked(mask, attended) out.
+
+
+class Attention(nn.Module):
+    """Base class: a variant computes the mask; multiplying it in and pooling for the head are shared."""
+
+    def attention_mask(self, features: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, features: torch.Tensor) -> Masked:
+        mask = self.attention_mask(features)  # (B, C or 1, h, w)
+        return Masked(mask=mask, attended=features * mask)
+
+    def head_input(self, attended: torch.Tensor) -> torch.Tensor:
+        """What the classifier head sees: the whole attended map, flattened, as in the seed."""
+        return attended.flatten(1)  # (B, C*h*w)
+
+    @staticmethod
+    def head_width(channels: int, size: int) -> int:
+        return channels * size * size
+
+
+class NoAttention(Attention):
+    """The same network without attention: the ablation the seed never ran."""
+
+    def attention_mask(self, features):
+        B, _, h, w = features.shape
+        return features.new_ones(B, 1, h, w)
+
+    def forward(self, features):
+        return Masked(mask=self.attention_mask(features), attended=features)  # skip a multiply by ones
+
+
+class DenseAttention(Attention):
+    """The seed's attention, exactly: mask = sigmoid(w * ReLU(W x + b)) over the flattened map, F = C*h*w."""
+
+    def __init__(self, channels: int, size: int):
+        super().__init__()
+        num_features = channels * size * size
+        self.proj = nn.Linear(num_features, num_features)   # W (F, F) and b (F,)
+        self.scale = nn.Parameter(torch.ones(num_features))  # w (F,), elementwise
+
+    def attention_mask(self, features):
+        B, C, h, w = features.shape
+        x = features.flatten(1)                              # (B, F)
+        mask = torch.sigmoid(self.scale * F.relu(self.proj(x)))
+        return mask.view(B, C, h, w)
+
+
+class ConvAttention(Attention):
+    """The seed's formula with W shared across positions (a 1x1 conv): a mask per position and channel."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.proj = nn.Conv2d(channels, channels, kernel_size=1)     # W (C, C) and b (C,)
+        self.scale = nn.Parameter(torch.ones(channels))              # w (C,), shared across positions
+
+    def attention_mask(self, features):
+        w = self.scale.view(1, -1, 1, 1)  # a 1-D parameter: channels_last leaves it alone (DDP wants its strides)
+        return torch.sigmoid(w * F.relu(self.proj(features)))       # (B, C, h, w)
+
+
+class SpatialAttention(Attention):
+    """One mask value per position, a 2-D heat map: sigmoid(v . ReLU(W x + b) + c), W shared across positions."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.proj = nn.Conv2d(channels, channels, kernel_size=1)  # W, b
+        self.score = nn.Conv2d(channels, 1, kernel_size=1)        # v, c: one number per position
+
+    def attention_mask(self, features):
+        return torch.sigmoid(self.score(F.relu(self.proj(features))))  # (B, 1, h, w)
+
+
+class LTPAttention(Attention):
+    """Learn To Pay Attention (Jetley et al. 2018) with dot-product compatibility.
+
+    In the paper g comes from the layers above the attended one; here the attended map is the last one, so g
+    is a learned projection of its average over positions. Each position's local feature l_s
+    is scored c_s = <l_s, g> / sqrt(C), a softmax over the h*w positions makes the mask (sums to 1), and the
+    head sees the attention-weighted sum g_a = sum_s a_s l_s. (The paper's parametrised form <u, l_s + g> is
+    not used: its g term is the same at every position, so the softmax cancels it.)
+    """
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.global_proj = nn.Linear(channels, channels)
+
+    def attention_mask(self, features):
+        B, C, h, w = features.shape
+        g = self.global_proj(features.mean(dim=(2, 3)))              # (B, C)
+        scores = torch.einsum("bchw,bc->bhw", features, g) / math.sqrt(C)
+        return scores.flatten(1).softmax(dim=1).view(B, 1, h, w)    # (B, 1, h, w), sums to 1
+
+    def head_input(self, attended):
+        return attended.sum(dim=(2, 3))  # (B, C): the attention-weighted sum of local features
+
+    @staticmethod
+    def head_width(channels: int, size: int) -> int:
+        return channels
+
+
+def build_attention(variant: str, channels: int, size: int) -> Attention:
+    if variant == "none":
+        return NoAttention()
+    if variant == "dense":
+        return DenseAttention(channels, size)
+    if variant == "conv":
+        return ConvAttention(channels)
+    if variant == "spatial":
+        return SpatialAttention(channels)
+    if variant == "ltpa":
+        return LTPAttention(channels)
+    raise UserError(f"params.yaml: 'model.attention' must be one of none, dense, conv, spatial, ltpa, got {variant!r}.")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The network
+
+
+class ConvBlock(nn.Module):
+    """conv 3x3 -> (2x2 max-pool) -> ReLU -> BatchNorm.
+
+    The seed pools last. Max-pool commutes with ReLU exactly, and with BatchNorm whenever its scale is positive,
+    so pooling first is the same family of functions, and ReLU and BatchNorm then touch a quarter of the
+    values: on CPU these memory-bound ops cost as much as the convolutions.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, pool: bool):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
+        self.pool = nn.MaxPool2d(2) if pool else nn.Identity()
+        self.norm = nn.BatchNorm2d(out_channels)
+
+    def forward(self, x):
+        return self.norm(F.relu(self.pool(self.conv(x))))
+
+
+class AttentionCNN(nn.Module):
+    """4 conv blocks (3 pooled) -> attention over the final map -> FC hidden -> dropout -> classes."""
+
+    def __init__(self, num_classes: int, img_size: int, params: ModelParams, *,
+                 device: torch.device | str = "cpu", batch_size: int = 64, training: bool = True):
+        """`device`, `batch_size` and `training` only size the memory check of `dense` attention."""
+        super().__init__()
+        if img_size < 8:
+            raise UserError(f"img_size must be at least 8 (three 2x2 pools), got {img_size}.")
+        if params.attention == "dense":
+            check_dense_fits(params.channels, img_size, device, batch_size, training)
+        C, size = params.channels, feature_size(img_size)
+        self.num_classes, self.img_size, self.params = num_classes, img_size, params
+        # Input normalisation lives in the model (set from the train split), so a saved model is self-contained.
+        self.register_buffer("mean", torch.full((1, 3, 1, 1), 0.5))
+        self.register_buffer("std", torch.full((1, 3, 1, 1), 0.25))
+        self.trunk = nn.Sequential(
+            ConvBlock(3, C, pool=True),   # (B, C, S/2, S/2)
+            ConvBlock(C, C, pool=True),   # (B, C, S/4, S/4)
+            ConvBlock(C, C, pool=True),   # (B, C, S/8, S/8)
+            ConvBlock(C, C, pool=False),  # (B, C, h, w), h = w = S // 8
+        )
+        self.attention = build_attention(params.attention, C, size)
+        self.head = nn.Sequential(
+            nn.Linear(self.attention.head_width(C, size), params.hidden),
+            nn.ReLU(),
+            nn.Dropout(params.dropout),
+            nn.Linear(params.hidden, num_classes),
+        )
+
+    @torch.no_grad()
+    def set_normalization(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """Per-channel mean and std of the training images, both (3,) on the [0, 1] scale."""
+        self.mean.copy_(mean.reshape(1, 3, 1, 1))
+        self.std.copy_(std.clamp_min(1e-3).reshape(1, 3, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> AttentionOutput:
+        x = (x - self.mean) / self.std                     # (B, 3, S, S)
+        features = self.trunk(x)                           # (B, C, h, w)
+        mask, attended = self.attention(features)          # (B, C or 1, h, w), (B, C, h, w)
+        logits = self.head(self.attention.head_input(attended))  # (B, K)
+        return AttentionOutput(logits=logits, features=features, mask=mask, attended=attended)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Saving and loading: models/model.pt holds everything prediction needs.
+
+MODEL_FORMAT = 1
+
+
+@dataclass
+class TrainedModel:
+    model: AttentionCNN   # in eval mode
+    classes: list[str]
+    img_size: int
+    params: dict          # model params (attention, channels, hidden, dropout)
+
+
+def save_model(path: Path | str, model: AttentionCNN, classes: list[str],
+               state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write the model atomically. `state_dict` overrides the model's own (e.g. the best epoch's weights)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = state_dict if state_dict is not None else model.state_dict()
+    blob = {
+        "format": MODEL_FORMAT,
+        "state_dict": {k: v.detach().cpu() for k, v in state.items()},
+        "classes": list(classes),
+        "img_size": model.img_size,
+        "params": dataclasses.asdict(model.params),
+        "mean": state["mean"].detach().cpu().flatten().tolist(),  # also in state_dict; here for humans
+        "std": state["std"].detach().cpu().flatten().tolist(),
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(blob, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_model(path: Path | str, map_location: torch.device | str = "cpu") -> TrainedModel:
+    """Load a model written by `save_model` (weights_only=True: a model file cannot run code)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: model not found. Run `dvc repro train` first.")
+    blob = torch.load(path, map_location=map_location, weights_only=True)
+    if not isinstance(blob, dict) or blob.get("format") != MODEL_FORMAT:
+        raise UserError(f"{path}: not a model written by this version of attention_cnn. Re-run `dvc repro train`.")
+    params = ModelParams(**blob["params"])
+    model = AttentionCNN(len(blob["classes"]), blob["img_size"], params, device=map_location, training=False)
+    model.load_state_dict(blob["state_dict"])
+    model.to(map_location).eval()
+    return TrainedModel(model=model, classes=list(blob["classes"]), img_size=blob["img_size"],
+                        params=dict(blob["params"]))

@@ -1,0 +1,195 @@
+"""Prediction on any folder of images, labelled or not (e.g. the Intel download's seg_pred): the seed's
+`visualize.py --data_folder`, as `attention-cnn predict`.
+
+Every image file under the folder (recursively; hidden files and folders are not read) is decoded by the
+prepare stage's own decoder (EXIF orientation, every mode to RGB, the decompression-bomb guard), stretched to
+the model's img_size, and classified. Writes into the --out folder:
+    predictions.csv  file, predicted_class, confidence, top_k ("forest:0.9100;sea:0.0500;...")
+    skipped.csv      file, reason: image files that could not be decoded and files that are not images
+    <file>.png       the input | before | mask | after figure of each image (visualize.py), unless figures=False
+Bad files are reported, never fatal; the run fails (UserError) only when nothing could be predicted.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import multiprocessing
+import os
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from attention_cnn.data.prepare import Decoded, decode_image, image_extensions, resolve_workers
+from attention_cnn.errors import UserError
+from attention_cnn.params import VisualizeParams
+from attention_cnn.visualize import (PanelFigure, check_colormap, compute_panels, load_for_inference, output_dir,
+                                     prediction_label, safe_name)
+
+RESIZE_POLICY = "stretch"  # as the seed, and as the default prepare stage
+
+
+@dataclass(frozen=True)
+class Skipped:
+    file: str    # relative to the images folder
+    reason: str
+
+
+@dataclass(frozen=True)
+class Prediction:
+    file: str                 # relative to the images folder
+    predicted_class: str
+    confidence: float
+    top_k: list[tuple[str, float]]  # most probable first
+    figure: str | None        # file name of its figure in the out folder
+
+
+@dataclass(frozen=True)
+class PredictResult:
+    predictions: list[Prediction]
+    skipped: list[Skipped]
+    predictions_csv: Path
+    skipped_csv: Path
+
+
+@dataclass(frozen=True)
+class FolderListing:
+    images: list[str]      # relative paths of files with an image extension, sorted
+    not_images: list[str]  # other visible files
+
+
+def list_folder(folder: Path, exclude: Path | None = None) -> FolderListing:
+    """Every visible file under `folder`, recursively and sorted, split by extension. `exclude` (the output
+    folder, when it lies inside) is not read, so a second run does not classify the first run's figures."""
+    extensions = image_extensions()
+    images, others = [], []
+    exclude = exclude.resolve() if exclude is not None else None
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")
+                             and (exclude is None or Path(dirpath, d).resolve() != exclude))
+        for name in sorted(filenames):
+            if name.startswith("."):
+                continue
+            rel = Path(dirpath, name).relative_to(folder).as_posix()
+            (images if Path(name).suffix.lower() in extensions else others).append(rel)
+    return FolderListing(images=sorted(images), not_images=sorted(others))
+
+
+def decode_files(paths: list[Path], img_size: int, workers: int, progress: bool) -> list[Decoded]:
+    """Decode every file with the prepare stage's `decode_image`, in parallel worker processes when there are
+    enough files to pay for them. Workers fork (Linux) and run Pillow and numpy only, never torch."""
+    decode = functools.partial(decode_image, img_size=img_size, policy=RESIZE_POLICY)
+    workers = min(resolve_workers(workers), max(1, len(paths) // 64))  # below 64 files a worker costs more
+    bar = functools.partial(tqdm, total=len(paths), desc="predict: decode", unit="img", disable=not progress)
+    if workers <= 1:
+        with bar() as progress_bar:
+            return [_counted(decode(path), progress_bar) for path in paths]
+    context = multiprocessing.get_context("fork") if sys.platform == "linux" else None
+    chunksize = max(1, min(32, len(paths) // (workers * 8)))
+    with ProcessPoolExecutor(workers, mp_context=context) as pool:
+        results = pool.map(decode, paths, chunksize=chunksize)  # forks the workers now, before tqdm's thread
+        with bar() as progress_bar:
+            return [_counted(result, progress_bar) for result in results]
+
+
+def _counted(result: Decoded, progress_bar: tqdm) -> Decoded:
+    progress_bar.update()
+    return result
+
+
+def figure_names(files: list[str]) -> list[str]:
+    """A safe, unique figure name per file: its relative path with '/' -> '__', unsafe characters -> '_'."""
+    names, used = [], set()
+    for file in files:
+        base = safe_name(file.replace("/", "__"))
+        name, n = f"{base}.png", 2
+        while name in used:  # two paths that differ only in unsafe characters
+            name, n = f"{base}-{n}.png", n + 1
+        used.add(name)
+        names.append(name)
+    return names
+
+
+def _check_out_dir(out_dir: Path) -> None:
+    """predict replaces its --out folder as a whole; never do that to a folder that holds anything else."""
+    if out_dir.is_file():
+        raise UserError(f"--out {out_dir}: is a file. Give a folder for the predictions.")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / "predictions.csv").is_file():
+        raise UserError(f"--out {out_dir}: exists and holds files that are not a previous prediction. "
+                        f"predict replaces its --out folder; give a new or empty folder.")
+
+
+def _write_csv(path: Path, header: list[str], rows: list[list]) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+def predict_folder(model_path: Path | str, images_dir: Path | str, out_dir: Path | str, top_k: int = 3,
+                   batch_size: int = 256, figures: bool = True, colormap: str = VisualizeParams.colormap,
+                   alpha: float = VisualizeParams.alpha, workers: int = 0, progress: bool = True) -> PredictResult:
+    images_dir, out_dir = Path(images_dir), Path(out_dir)
+    if not images_dir.is_dir():
+        raise UserError(f"--images {images_dir}: not a folder. Give the folder that holds the images.")
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {batch_size}.")
+    if not 0 <= alpha <= 1:
+        raise UserError(f"--alpha must be between 0 and 1, got {alpha}.")
+    check_colormap(colormap)
+    _check_out_dir(out_dir)
+    trained = load_for_inference(model_path)
+    classes = trained.classes
+    if not 1 <= top_k <= len(classes):
+        raise UserError(f"--top-k must be between 1 and the model's {len(classes)} classes, got {top_k}.")
+
+    listing = list_folder(images_dir, exclude=out_dir)
+    if not listing.images:
+        raise UserError(f"--images {images_dir}: holds no image files (looked for "
+                        f"{', '.join(sorted(image_extensions())[:8])}, ... in every sub-folder).")
+    decoded = decode_files([images_dir / rel for rel in listing.images], trained.img_size, workers, progress)
+    skipped = [Skipped(rel, d.error) for rel, d in zip(listing.images, decoded) if d.error is not None]
+    skipped += [Skipped(rel, "not an image file") for rel in listing.not_images]
+    kept = [i for i, d in enumerate(decoded) if d.error is None]
+    if not kept:
+        reasons = "; ".join(f"{s.file}: {s.reason}" for s in skipped[:3])
+        raise UserError(f"--images {images_dir}: none of its {len(listing.images)} image files could be decoded "
+                        f"({reasons}{' ...' if len(skipped) > 3 else ''}).")
+    for s in skipped:
+        print(f"predict: skipped {images_dir / s.file}: {s.reason}", file=sys.stderr)
+
+    files = [listing.images[i] for i in kept]
+    names = figure_names(files) if figures else [None] * len(files)
+    pixels = torch.from_numpy(np.stack([decoded[i].pixels for i in kept]))  # (N, 3, S, S) uint8
+    predictions: list[Prediction] = []
+    with output_dir(out_dir) as tmp:
+        figure = PanelFigure(1, colormap, alpha) if figures else None
+        bar = tqdm(total=len(files), desc="predict", unit="img", disable=not progress)
+        for lo in range(0, len(files), batch_size):
+            panels = compute_panels(trained.model, pixels[lo:lo + batch_size], batch_size)
+            top_p, top_i = panels.probs.topk(top_k, dim=1)                # (b, k)
+            for j in range(panels.probs.shape[0]):
+                n = lo + j
+                predicted, confidence = int(panels.predictions[j]), float(panels.confidence[j])
+                if figure is not None:
+                    figure.draw_row(0, panels, j, "")
+                    figure.save(tmp / names[n], title=f"{files[n]}\n{prediction_label(classes, predicted, confidence)}")
+                predictions.append(Prediction(
+                    file=files[n], predicted_class=classes[predicted], confidence=confidence,
+                    top_k=[(classes[int(i)], float(p)) for p, i in zip(top_p[j], top_i[j])], figure=names[n]))
+                bar.update()
+        bar.close()
+        _write_csv(tmp / "skipped.csv", ["file", "reason"], [[s.file, s.reason] for s in skipped])
+        _write_csv(tmp / "predictions.csv", ["file", "predicted_class", "confidence", "top_k"],
+                   [[p.file, p.predicted_class, f"{p.confidence:.4f}",
+                     ";".join(f"{name}:{prob:.4f}" for name, prob in p.top_k)] for p in predictions])
+    print(f"predict: {len(predictions)} images -> {out_dir / 'predictions.csv'}"
+          + (f"; skipped {len(skipped)} files, listed in {out_dir / 'skipped.csv'}" if skipped else ""),
+          file=sys.stderr)
+    return PredictResult(predictions=predictions, skipped=skipped, predictions_csv=out_dir / "predictions.csv",
+                         skipped_csv=out_dir / "skipped.csv")

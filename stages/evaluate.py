@@ -1,0 +1,16 @@
+"""DVC stage `evaluate`: score models/model.pt on the test split; write metrics/evaluate/ and output/evaluate/."""
+from attention_cnn.errors import exit_on_user_error
+from attention_cnn.evaluate import evaluate
+from attention_cnn.params import load_params
+
+
+@exit_on_user_error
+def main() -> None:
+    params = load_params()
+    result = evaluate(params, prepared_dir="data/prepared", model_path="models/model.pt",
+                      metrics_dir="metrics/evaluate", out_dir="output/evaluate")
+    print(f"evaluate: test accuracy {result.metrics['accuracy']:.4f}, macro F1 {result.metrics['macro/f1']:.4f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,216 @@
+"""The evaluate and visualize stages end to end, on a tiny model briefly trained on a tiny prepared split."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from attention_cnn.data.prepared import PreparedSplit, save_split
+from attention_cnn.errors import UserError
+from attention_cnn.evaluate import (attention_quality, confusion_records, evaluate, predict_logits,
+                                    saliency_methods, write_misclassified)
+from attention_cnn.maps import AttentionMap, GradCAM, RandomMap
+from attention_cnn.metrics import classification_report
+from attention_cnn.model import AttentionCNN, load_model, save_model
+from attention_cnn.params import ModelParams, parse_params
+from attention_cnn.visualize import DPI, PANEL_INCHES, output_dir, safe_name, spread_over_classes, visualize
+
+S = 32
+CLASSES = ["red", "green", "blue"]
+PER_CLASS = 8
+
+
+def make_split(seed: int, per_class: int = PER_CLASS) -> PreparedSplit:
+    """Grey noise with a coloured square (the class evidence) at a random place; the mask marks the square."""
+    g = torch.Generator().manual_seed(seed)
+    n = per_class * len(CLASSES)
+    labels = torch.arange(n) % len(CLASSES)
+    images = (torch.rand(n, 1, S, S, generator=g) * 100 + 60).expand(n, 3, S, S).clone()
+    masks = torch.zeros(n, S, S, dtype=torch.uint8)
+    for i in range(n):
+        r, c = torch.randint(0, S - 10, (2,), generator=g).tolist()
+        images[i, :, r:r + 10, c:c + 10] = 30
+        images[i, labels[i], r:r + 10, c:c + 10] = 230
+        masks[i, r:r + 10, c:c + 10] = 255
+    return PreparedSplit(images=images.to(torch.uint8), labels=labels, masks=masks,
+                         files=[f"{CLASSES[k]}/img {i}.jpg" for i, k in enumerate(labels.tolist())],
+                         classes=list(CLASSES))
+
+
+def train_briefly(model: AttentionCNN, split: PreparedSplit, steps: int = 30) -> AttentionCNN:
+    torch.manual_seed(0)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    x = split.images.float() / 255
+    model.train()
+    for _ in range(steps):
+        loss = F.cross_entropy(model(x).logits, split.labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("evaluate")
+    save_split(root / "prepared", "test", make_split(seed=1))
+    for attention in ("conv", "none"):
+        torch.manual_seed(0)
+        model = AttentionCNN(len(CLASSES), S, ModelParams(attention=attention, channels=8, hidden=16, dropout=0.0))
+        save_model(root / f"model_{attention}.pt", train_briefly(model, make_split(seed=0)), CLASSES)
+    return root
+
+
+PARAMS = parse_params({"img_size": S, "evaluate": {"batch_size": 5, "faithfulness_images": 9,
+                                                    "faithfulness_steps": 4},
+                       "visualize": {"num_images": 4, "per_class": 2}})
+
+
+@pytest.fixture(scope="module")
+def evaluated(workspace):
+    return evaluate(PARAMS, workspace / "prepared", workspace / "model_conv.pt", workspace / "metrics/evaluate",
+                    workspace / "output/evaluate")
+
+
+def test_evaluate_writes_metrics_confusion_and_gallery(workspace, evaluated):
+    metrics = json.loads((workspace / "metrics/evaluate/metrics.json").read_text())
+    assert 0 <= metrics["accuracy"] <= 1
+    assert metrics["accuracy"] == pytest.approx(evaluated.report.accuracy)
+    assert metrics["macro"]["f1"] == pytest.approx(evaluated.report.macro_f1)
+    assert set(metrics["per_class"]) == set(CLASSES)
+    for method in ("attention", "gradcam", "random"):
+        for key in ("deletion_auc", "insertion_auc", "pointing_game"):
+            assert 0 <= metrics[method][key] <= 1, (method, key)
+    assert {"loss", "top2_accuracy", "ece", "weighted"} <= set(metrics)
+
+    records = json.loads((workspace / "output/evaluate/confusion.json").read_text())
+    assert len(records) == PER_CLASS * len(CLASSES)
+    assert {r["actual"] for r in records} == set(CLASSES) and {r["predicted"] for r in records} <= set(CLASSES)
+    right = sum(r["actual"] == r["predicted"] for r in records)
+    assert right / len(records) == pytest.approx(metrics["accuracy"])
+    with Image.open(workspace / "output/evaluate/misclassified.png") as gallery:
+        assert gallery.size[0] > 100 and gallery.size[1] > 50
+    # Only the declared outputs: no temp folders left next to them.
+    assert sorted(p.name for p in (workspace / "metrics").iterdir()) == ["evaluate"]
+    assert sorted(p.name for p in (workspace / "metrics/evaluate").iterdir()) == ["metrics.json"]
+
+
+def test_evaluate_is_deterministic(workspace, evaluated):
+    again = evaluate(PARAMS, workspace / "prepared", workspace / "model_conv.pt", workspace / "m2", workspace / "o2")
+    assert again.metrics == evaluated.metrics
+
+
+def test_a_model_without_attention_reports_no_attention_metrics(workspace):
+    result = evaluate(PARAMS, workspace / "prepared", workspace / "model_none.pt", workspace / "metrics_none",
+                      workspace / "output_none")
+    metrics = json.loads((workspace / "metrics_none/metrics.json").read_text())
+    assert "attention" not in metrics and "gradcam" in metrics and "random" in metrics
+    assert set(result.map_quality) == {"gradcam", "random"}
+
+
+def test_batched_logits_equal_one_batch_with_a_short_last_batch(workspace):
+    model = load_model(workspace / "model_conv.pt").model
+    split = make_split(seed=1)  # 24 images: batches of 5 leave a last batch of 4
+    batched, whole = predict_logits(model, split.images, 5), predict_logits(model, split.images, 24)
+    assert torch.allclose(batched, whole, atol=1e-5)
+    a, b = classification_report(batched, split.labels, CLASSES), classification_report(whole, split.labels, CLASSES)
+    assert a.accuracy == b.accuracy == pytest.approx((whole.argmax(1) == split.labels).float().mean().item())
+    assert a.loss == pytest.approx(F.cross_entropy(whole, split.labels).item(), rel=1e-5)
+
+
+def test_the_learned_attention_beats_random_on_a_trained_model(workspace):
+    """The tiny model learned coloured squares; Grad-CAM on it must point at them more often than noise."""
+    model = load_model(workspace / "model_conv.pt").model
+    split = make_split(seed=1)
+    quality = attention_quality(model, split.images, split.masks, [AttentionMap(), GradCAM(), RandomMap(0)],
+                                steps=4, batch_size=128)
+    assert set(quality) == {"attention", "gradcam", "random"}
+    assert quality["gradcam"].pointing_game > quality["random"].pointing_game
+    assert quality["gradcam"].deletion_auc < quality["random"].deletion_auc
+    assert saliency_methods(model, 0)[0].name == "attention"
+
+
+def test_stale_model_is_refused(workspace, tmp_path):
+    torch.manual_seed(0)
+    other = AttentionCNN(2, S, ModelParams(channels=8, hidden=16))
+    save_model(tmp_path / "other.pt", other, ["cat", "dog"])
+    with pytest.raises(UserError, match="trained on classes"):
+        evaluate(PARAMS, workspace / "prepared", tmp_path / "other.pt", tmp_path / "m", tmp_path / "o")
+    assert not (tmp_path / "m").exists() and not (tmp_path / "o").exists()
+
+
+def test_missing_model_is_a_user_error(workspace, tmp_path):
+    with pytest.raises(UserError, match="model not found"):
+        evaluate(PARAMS, workspace / "prepared", tmp_path / "nope.pt", tmp_path / "m", tmp_path / "o")
+
+
+def test_gallery_says_so_when_nothing_is_misclassified(tmp_path):
+    split = make_split(seed=2, per_class=2)
+    logits = F.one_hot(split.labels, 3).float() * 5  # every prediction right
+    report = classification_report(logits, split.labels, CLASSES)
+    write_misclassified(tmp_path / "g.png", split.images, split.labels, report, CLASSES)
+    with Image.open(tmp_path / "g.png") as image:
+        assert image.size[0] > 50
+
+
+def test_confusion_records_use_class_names():
+    assert confusion_records(torch.tensor([0, 2]), torch.tensor([1, 2]), CLASSES) == [
+        {"actual": "red", "predicted": "green"}, {"actual": "blue", "predicted": "blue"}]
+
+
+def test_output_dir_keeps_the_old_folder_when_a_run_fails(tmp_path):
+    final = tmp_path / "out"
+    with output_dir(final) as tmp:
+        (tmp / "a.txt").write_text("first")
+    with pytest.raises(RuntimeError):
+        with output_dir(final) as tmp:
+            (tmp / "b.txt").write_text("half")
+            raise RuntimeError("killed")
+    assert [p.name for p in final.iterdir()] == ["a.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temp folders left
+    with output_dir(final) as tmp:
+        (tmp / "c.txt").write_text("second")
+    assert [p.name for p in final.iterdir()] == ["c.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# visualize
+
+
+def test_spread_over_classes_is_round_robin():
+    labels = torch.tensor([0, 0, 0, 1, 2, 2])
+    assert spread_over_classes(labels, 5) == [0, 3, 4, 1, 5]
+    assert spread_over_classes(labels, 10) == [0, 3, 4, 1, 5, 2]
+
+
+def test_visualize_writes_one_figure_per_image_and_a_grid_per_class(workspace):
+    out = workspace / "output/visualize"
+    result = visualize(PARAMS, workspace / "prepared", workspace / "model_conv.pt", out)
+    # Test images are ordered red, green, blue, red, ...: round-robin picks the first of each class, then red.
+    assert [p.name for p in result.image_files] == ["01_img_0.png", "02_img_1.png", "03_img_2.png", "04_img_3.png"]
+    assert [p.name for p in result.grid_files] == ["grid_red.png", "grid_green.png", "grid_blue.png"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in result.image_files + result.grid_files)
+    with Image.open(result.image_files[0]) as single, Image.open(result.grid_files[0]) as grid:
+        assert single.mode in ("RGB", "RGBA") and grid.mode in ("RGB", "RGBA")
+        assert single.size[0] > 4 * PANEL_INCHES * DPI  # four panels side by side
+        assert grid.size[0] == single.size[0]
+        assert grid.size[1] > 1.8 * single.size[1] - 80  # two rows of panels, shared header
+    # The figure is not blank: the panels hold the image and coloured overlays.
+    with Image.open(result.image_files[0]) as single:
+        colours = single.convert("RGB").getcolors(maxcolors=1_000_000)
+        assert colours is not None and len(colours) > 500
+
+
+def test_visualize_refuses_an_unknown_colormap(workspace, tmp_path):
+    params = parse_params({"img_size": S, "visualize": {"colormap": "no-such-map"}})
+    with pytest.raises(UserError, match="colormap"):
+        visualize(params, workspace / "prepared", workspace / "model_conv.pt", tmp_path / "v")
+    assert not (tmp_path / "v").exists()
+
+
+def test_safe_name():
+    assert safe_name("forêt/img 1.jpg") == "for_t_img_1.jpg"
+    assert safe_name("..") == "image"

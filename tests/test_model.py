@@ -1,0 +1,124 @@
+"""The attention CNN: every variant's output contract, the seed's dense formula by hand, the memory guard, and
+the saved-model round trip."""
+
+import time
+
+import pytest
+import torch
+
+from attention_cnn.errors import UserError
+from attention_cnn.model import (AttentionCNN, ConvAttention, DenseAttention, available_memory_bytes,
+                                 check_dense_fits, dense_attention_bytes, load_model, save_model)
+from attention_cnn.params import ATTENTION_VARIANTS, ModelParams
+
+IMG, C, B, K = 32, 8, 3, 4  # final map h = w = 32 // 8 = 4
+
+
+def tiny(attention: str, **kw) -> AttentionCNN:
+    torch.manual_seed(0)
+    return AttentionCNN(K, IMG, ModelParams(attention=attention, channels=C, hidden=16, **kw))
+
+
+@pytest.mark.parametrize("variant", ATTENTION_VARIANTS)
+def test_every_variant_keeps_the_output_contract(variant):
+    model = tiny(variant)
+    x = torch.rand(B, 3, IMG, IMG)
+    out = model(x)
+    assert out.logits.shape == (B, K)
+    assert out.features.shape == (B, C, 4, 4)
+    mask_channels = C if variant in ("dense", "conv") else 1
+    assert out.mask.shape == (B, mask_channels, 4, 4)
+    assert out.mask.min() >= 0 and out.mask.max() <= 1
+    assert out.attended.shape == (B, C, 4, 4)
+    torch.testing.assert_close(out.attended, out.features * out.mask)
+    assert out.mask.mean(dim=1).shape == (B, 4, 4)  # the 2-D heat map consumers draw
+    if variant == "none":
+        assert torch.equal(out.mask, torch.ones(B, 1, 4, 4))
+    if variant == "ltpa":  # a softmax over positions: a distribution per image
+        torch.testing.assert_close(out.mask.sum(dim=(1, 2, 3)), torch.ones(B))
+    if variant in ("dense", "conv", "spatial"):  # a sigmoid: strictly inside (0, 1) and not constant
+        assert out.mask.min() > 0 and out.mask.max() < 1 and out.mask.std() > 0
+    # Gradients reach the attention weights through the logits.
+    out.logits.sum().backward()
+    for name, p in model.attention.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_dense_reproduces_the_seed_formula_by_hand():
+    # One channel on a 2x2 map: F = 4. mask = sigmoid(w * ReLU(W x + b)) over the flattened map (row-major).
+    attention = DenseAttention(channels=1, size=2)
+    with torch.no_grad():
+        attention.proj.weight.copy_(torch.tensor([[1., 0., 0., 0.],
+                                                  [0., 1., 0., 0.],
+                                                  [1., 1., 0., 0.],
+                                                  [0., 0., 0., 2.]]))
+        attention.proj.bias.copy_(torch.tensor([0., 0., 0.5, -1.]))
+        attention.scale.copy_(torch.tensor([1., 2., -1., 3.]))
+    features = torch.tensor([[[[1., -2.], [3., 1.]]]])  # (1, 1, 2, 2), flattened: [1, -2, 3, 1]
+    # W x = [1, -2, -1, 2]; + b = [1, -2, -0.5, 1]; ReLU = [1, 0, 0, 1]; * w = [1, 0, 0, 3];
+    # sigmoid = [0.7310586, 0.5, 0.5, 0.9525741].
+    expected_mask = torch.tensor([[[[0.7310586, 0.5], [0.5, 0.9525741]]]])
+    mask, attended = attention(features)
+    torch.testing.assert_close(mask, expected_mask)
+    torch.testing.assert_close(attended, torch.tensor([[[[0.7310586, -1.0], [1.5, 0.9525741]]]]))
+
+
+def test_conv_is_the_seed_formula_with_weights_shared_across_positions():
+    torch.manual_seed(1)
+    attention = ConvAttention(channels=3)
+    with torch.no_grad():
+        attention.scale.copy_(torch.tensor([0.5, -2.0, 1.5]))
+    features = torch.randn(2, 3, 5, 5)
+    W, b = attention.proj.weight.view(3, 3), attention.proj.bias
+    w = attention.scale.view(3)
+    # The same formula at every position p: mask[:, :, p] = sigmoid(w * ReLU(W x[:, :, p] + b)).
+    per_position = features.permute(0, 2, 3, 1)  # (B, h, w, C)
+    expected = torch.sigmoid(w * torch.relu(per_position @ W.T + b)).permute(0, 3, 1, 2)
+    torch.testing.assert_close(attention(features).mask, expected)
+
+
+def test_dense_refuses_the_seed_config_at_150px_before_allocating():
+    needed = dense_attention_bytes(channels=128, img_size=150)
+    assert 1.72e9 * 16 < needed < 1.72e9 * 16 * 1.01  # 41,472^2 weights, 16 bytes each with Adam (+ activations)
+    available, _ = available_memory_bytes("cpu")
+    if needed <= available:
+        pytest.skip(f"this machine has {available / 1e9:.0f} GB available: the seed's layer fits here")
+    started = time.perf_counter()
+    with pytest.raises(UserError) as err:
+        AttentionCNN(6, 150, ModelParams(attention="dense", channels=128))
+    assert time.perf_counter() - started < 1.0  # refused before allocating 7 GB of weights
+    message = str(err.value)
+    assert "27.6 GB" in message and "model.attention=conv" in message and "1.72 billion weights" in message
+
+
+def test_dense_refuses_what_no_machine_holds_and_accepts_what_fits():
+    with pytest.raises(UserError, match=r"model.attention=conv"):
+        check_dense_fits(channels=1024, img_size=1024)  # 1.7e13 weights
+    check_dense_fits(channels=8, img_size=32)  # 128 x 128 weights: fits anywhere
+    # Holding a trained layer for prediction needs the weights only: 4 bytes each, not 16.
+    assert dense_attention_bytes(8, 32, training=False) == (128 * 128 + 2 * 128) * 4
+
+
+def test_saved_model_round_trips_to_identical_logits(tmp_path):
+    model = tiny("conv", dropout=0.3)
+    model.set_normalization(torch.tensor([0.2, 0.4, 0.6]), torch.tensor([0.1, 0.2, 0.3]))
+    model.train()
+    model(torch.rand(8, 3, IMG, IMG))  # move the BatchNorm running stats off their defaults
+    model.eval()
+    path = save_model(tmp_path / "model.pt", model, classes=["a", "b", "c", "d"])
+    loaded = load_model(path)
+    assert loaded.classes == ["a", "b", "c", "d"] and loaded.img_size == IMG
+    assert loaded.params == {"attention": "conv", "channels": C, "hidden": 16, "dropout": 0.3}
+    assert not loaded.model.training
+    torch.testing.assert_close(loaded.model.mean.flatten(), torch.tensor([0.2, 0.4, 0.6]))
+    x = torch.rand(5, 3, IMG, IMG)
+    with torch.no_grad():
+        before, after = model(x), loaded.model(x)
+    assert torch.equal(before.logits, after.logits)
+    assert torch.equal(before.mask, after.mask)
+    assert list(tmp_path.iterdir()) == [path]  # written atomically: no temp file left behind
+
+
+def test_load_model_names_a_missing_file(tmp_path):
+    with pytest.raises(UserError, match="model.pt: model not found"):
+        load_model(tmp_path / "model.pt")

@@ -1,0 +1,207 @@
+"""Training: outputs and metrics files, determinism, resume after a kill, augmentation, devices, and DDP."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from attention_cnn.data.prepared import PreparedSplit, save_split
+from attention_cnn.errors import UserError
+from attention_cnn.model import load_model
+from attention_cnn.params import parse_params
+from attention_cnn.train import augment, train
+
+REPO = Path(__file__).resolve().parents[1]
+IMG, CLASSES = 16, ["red", "green", "blue"]
+RAW = {"seed": 7, "img_size": IMG,
+       "model": {"attention": "conv", "channels": 4, "hidden": 8, "dropout": 0.1},
+       "train": {"epochs": 4, "batch_size": 16, "lr": 0.03, "patience": 10, "device": "cpu"}}
+PLOTS = ["train/loss", "train/accuracy", "val/loss", "val/accuracy", "lr", "images_per_s"]
+
+
+def make_split(n: int, seed: int) -> PreparedSplit:
+    """Class k: a noisy image whose colour channel k is bright in a random square. Easy, but not trivial."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % len(CLASSES)
+    images = torch.randint(0, 90, (n, 3, IMG, IMG), generator=g, dtype=torch.uint8)
+    for i in range(n):
+        y, x = torch.randint(0, IMG // 2, (2,), generator=g).tolist()
+        images[i, labels[i], y:y + IMG // 2, x:x + IMG // 2] += 140
+    return PreparedSplit(images=images, labels=labels, masks=None, files=[f"{i}.jpg" for i in range(n)],
+                         classes=CLASSES)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors gain nothing from a second thread, and on a busy CI box each op would wait for it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("prepared")
+    for split, n, seed in (("train", 60, 1), ("val", 24, 2), ("test", 24, 3)):
+        save_split(folder, split, make_split(n, seed))
+    return folder
+
+
+def params(**train):
+    raw = json.loads(json.dumps(RAW))
+    raw["train"].update(train)
+    return parse_params(raw)
+
+
+def run(prepared, out: Path, p=None, **kw):
+    return train(p or params(), prepared, out / "model.pt", out / "checkpoint.pt", out / "metrics",
+                 progress=False, **kw)
+
+
+def plot_rows(out: Path, name: str) -> list[str]:
+    return (out / "metrics" / "plots" / "metrics" / f"{name}.tsv").read_text().splitlines()
+
+
+def summary(out: Path) -> dict:
+    blob = json.loads((out / "metrics" / "metrics.json").read_text())
+    blob.pop("images_per_s")  # wall-clock speed: the one metric that is not reproducible
+    return blob
+
+
+def weights(out: Path) -> dict:
+    return torch.load(out / "model.pt", weights_only=True)["state_dict"]
+
+
+@pytest.fixture(scope="module")
+def reference(prepared, tmp_path_factory):
+    """One uninterrupted run, compared against by the determinism and resume tests."""
+    out = tmp_path_factory.mktemp("reference")
+    return out, run(prepared, out)
+
+
+def test_training_learns_and_writes_model_metrics_and_checkpoint(reference):
+    out, result = reference
+    assert result.epochs_run == 4 and result.resumed_from == 0 and not result.stopped_early
+    # The model is selected on val: best epoch has the top val accuracy, ties broken by the lower loss.
+    top = max(result.history, key=lambda r: (r.val_accuracy, -r.val_loss))
+    assert result.best_epoch == top.epoch and result.best_val_accuracy == top.val_accuracy
+    assert result.best_val_accuracy >= 0.9  # three colours are learnable in four epochs
+    assert result.history[-1].train_loss < result.history[0].train_loss
+    # DVCLive files at the paths dvc.yaml's plots read, one row per epoch, x = step.
+    for name in PLOTS:
+        rows = plot_rows(out, name)
+        assert rows[0] == f"step\t{name.split('/')[-1]}" and len(rows) == 1 + 4, name
+    lrs = [float(r.split("\t")[1]) for r in plot_rows(out, "lr")[1:]]
+    assert lrs[0] == 0.03 and lrs == sorted(lrs, reverse=True)  # cosine decay
+    metrics = json.loads((out / "metrics" / "metrics.json").read_text())
+    assert metrics["best"] == {"epoch": result.best_epoch, "val_accuracy": result.best_val_accuracy,
+                               "val_loss": result.best_val_loss}
+    assert metrics["val"]["accuracy"] == result.history[-1].val_accuracy and metrics["images_per_s"] > 0
+    # The model file alone is enough for prediction.
+    loaded = load_model(out / "model.pt")
+    assert loaded.classes == CLASSES and loaded.img_size == IMG and loaded.params["attention"] == "conv"
+    assert loaded.model.std.flatten().min() > 0.1  # normalisation taken from the train split, not defaults
+    assert (out / "checkpoint.pt").is_file() and not list(out.glob("*.tmp"))
+
+
+def test_two_runs_give_identical_metrics_and_weights(prepared, reference, tmp_path):
+    out, _ = reference
+    run(prepared, tmp_path)
+    assert summary(tmp_path) == summary(out)
+    for name in PLOTS[:-1]:
+        assert plot_rows(tmp_path, name) == plot_rows(out, name)
+    a, b = weights(out), weights(tmp_path)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+class Killed(Exception):
+    pass
+
+
+def test_resume_after_a_kill_ends_bit_identical(prepared, reference, tmp_path, capsys):
+    out, _ = reference
+
+    def kill_after_epoch_2(result):
+        if result.epoch == 2:
+            raise Killed
+
+    with pytest.raises(Killed):
+        run(prepared, tmp_path, on_epoch_end=kill_after_epoch_2)
+    assert not (tmp_path / "model.pt").exists()
+    # `dvc repro` deletes the non-persistent outs before re-running; only the checkpoint survives.
+    for leftover in (tmp_path / "metrics").rglob("*"):
+        if leftover.is_file():
+            leftover.unlink()
+    resumed = run(prepared, tmp_path)
+    assert resumed.resumed_from == 2 and resumed.epochs_run == 4
+    assert "resuming after epoch 2 of 4" in capsys.readouterr().out
+    a, b = weights(out), weights(tmp_path)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert summary(tmp_path) == summary(out)
+    for name in PLOTS[:-1]:
+        assert plot_rows(tmp_path, name) == plot_rows(out, name)
+
+
+def test_checkpoint_from_other_params_is_ignored(prepared, tmp_path, capsys):
+    run(prepared, tmp_path, p=params(epochs=1))
+    result = run(prepared, tmp_path, p=params(epochs=2))
+    assert result.resumed_from == 0 and result.epochs_run == 2
+    assert "written for other params, data or code; ignoring it and starting fresh" in capsys.readouterr().out
+
+
+def test_early_stopping_keeps_the_best_epoch(prepared, tmp_path):
+    # A learning rate this high makes val accuracy stall quickly; patience 1 then stops the run.
+    result = run(prepared, tmp_path, p=params(epochs=30, lr=5.0, patience=1, lr_schedule="constant"))
+    assert result.stopped_early and result.epochs_run < 30
+    assert result.epochs_run == result.best_epoch + 1
+    saved = torch.load(tmp_path / "model.pt", weights_only=True)
+    assert saved["classes"] == CLASSES
+
+
+def test_augment_flips_and_shifts_whole_pixels_per_image():
+    x = torch.arange(2 * 3 * 6 * 6, dtype=torch.float32).view(2, 3, 6, 6)
+    flip = torch.tensor([True, False])
+    shift = torch.tensor([[0, 0], [1, -2]])  # image 1: one pixel in x, two in y
+    y = augment(x, flip, shift)
+    assert torch.equal(y[0], x[0].flip(-1))
+    # out[i, j] = in[i + dy, j + dx], borders reflected: the interior is an exact copy of shifted pixels.
+    assert torch.equal(y[1, :, 2:, :5], x[1, :, :4, 1:])
+    assert torch.equal(augment(x, torch.tensor([False, False]), torch.zeros(2, 2, dtype=torch.long)), x)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is present here")
+def test_cuda_requested_without_cuda_is_a_user_error(prepared, tmp_path):
+    with pytest.raises(UserError, match="'train.device' is cuda but no CUDA device"):
+        run(prepared, tmp_path, p=params(device="cuda"))
+
+
+def test_nproc_without_torchrun_is_a_user_error(prepared, tmp_path):
+    with pytest.raises(UserError, match="torchrun"):
+        run(prepared, tmp_path, p=params(nproc=2))
+
+
+def test_ddp_two_cpu_processes_train_through_the_stage_script(prepared, tmp_path):
+    """`python stages/train.py` with train.nproc=2 relaunches itself under torchrun (gloo); rank 0 writes."""
+    raw = json.loads(json.dumps(RAW))
+    raw["train"].update(epochs=2, nproc=2)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    (tmp_path / "data").mkdir()
+    os.symlink(prepared, tmp_path / "data" / "prepared")
+    proc = subprocess.run([sys.executable, str(REPO / "stages" / "train.py")], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "running under torchrun" in proc.stdout
+    assert proc.stdout.count("epoch 2/2:") == 1  # only rank 0 reports
+    loaded = load_model(tmp_path / "models" / "model.pt")
+    assert loaded.classes == CLASSES
+    checkpoint = torch.load(tmp_path / "models" / "checkpoint.pt", weights_only=True)
+    assert len(checkpoint["rng"]) == 2 and checkpoint["done"]  # every rank's RNG, for resume
+    val_accuracy = tmp_path / "metrics" / "train" / "plots" / "metrics" / "val" / "accuracy.tsv"
+    assert len(val_accuracy.read_text().splitlines()) == 1 + 2
+    assert json.loads((tmp_path / "metrics" / "train" / "metrics.json").read_text())["step"] == 1
