@@ -335,7 +335,11 @@ def load_model(path: Path | str, map_location: torch.device | str = "cpu") -> Tr
         raise UserError(f"{path}: not a model written by this version of attention_cnn. Re-run `dvc repro train`.")
     params = ModelParams(**blob["params"])
     model = AttentionCNN(len(blob["classes"]), blob["img_size"], params, device=map_location, training=False)
-    model.load_state_dict(blob["state_dict"])
+    try:
+        model.load_state_dict(blob["state_dict"])
+    except RuntimeError as exc:  # weights of another architecture under the same format number
+        raise UserError(f"{path}: its weights do not fit this version's model ({exc}). "
+                        "Re-run `dvc repro train`.") from exc
     model.to(map_location).eval()
     return TrainedModel(model=model, classes=list(blob["classes"]), img_size=blob["img_size"],
                         params=dict(blob["params"]))
