@@ -25,9 +25,9 @@ from attention_cnn.data.prepared import load_split
 from attention_cnn.faithfulness import ScoreFn, deletion_insertion, perturbation, pointing_game, pointing_tolerance
 from attention_cnn.maps import AttentionMap, GradCAM, RandomMap, SaliencyMap
 from attention_cnn.metrics import ClassificationReport, classification_report
-from attention_cnn.model import AttentionCNN
+from attention_cnn.model import AttentionCNN, autocast
 from attention_cnn.params import Params
-from attention_cnn.visualize import (autocast, check_model_matches, draw_gallery, load_for_inference, model_device,
+from attention_cnn.visualize import (check_model_matches, draw_gallery, load_for_inference, model_device,
                                      output_dir, prediction_label, spread_over_classes)
 
 GALLERY_SIZE = 24

@@ -46,6 +46,11 @@ class Masked(NamedTuple):
     attended: torch.Tensor  # (B, C, h, w)
 
 
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA; a no-op on CPU, where bf16 is slower than fp32 on most machines."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
 def feature_size(img_size: int) -> int:
     """Side h = w of the final feature map: three 2x2 max-pools, each rounding down."""
     return img_size // 8

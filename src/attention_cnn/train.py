@@ -33,7 +33,7 @@ from tqdm import tqdm
 from attention_cnn import model as model_module
 from attention_cnn.data.prepared import PreparedSplit, load_split
 from attention_cnn.errors import UserError
-from attention_cnn.model import AttentionCNN, save_model
+from attention_cnn.model import AttentionCNN, autocast, save_model
 from attention_cnn.params import Params, TrainParams
 
 CHECKPOINT_FORMAT = 1
@@ -311,7 +311,7 @@ def evaluate_split(model: torch.nn.Module, images: torch.Tensor, labels: torch.T
         idx = indices[start:start + batch_size]
         x = _to_input(images[idx], device)
         y = labels[idx]
-        with _autocast(device):
+        with autocast(device):
             logits = model(x).logits.float()
         totals[0] += F.cross_entropy(logits, y, reduction="sum")
         totals[1] += (logits.argmax(dim=1) == y).sum()
@@ -336,7 +336,7 @@ def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, images
         if tp.augment:
             x = augment(x, flip[start:start + tp.batch_size], shift[start:start + tp.batch_size])
             x = x.contiguous(memory_format=torch.channels_last)
-        with _autocast(device):
+        with autocast(device):
             logits = model(x).logits  # (B, K)
             loss = F.cross_entropy(logits.float(), y)
         optimizer.zero_grad(set_to_none=True)
@@ -353,10 +353,6 @@ def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, images
 def _to_input(batch_uint8: torch.Tensor, device: torch.device) -> torch.Tensor:
     x = batch_uint8.to(device, non_blocking=True).float().div_(255)  # (B, 3, S, S) in [0, 1]
     return x.contiguous(memory_format=torch.channels_last)
-
-
-def _autocast(device: torch.device):
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
 def _is_better(val_accuracy: float, val_loss: float, best: dict) -> bool:

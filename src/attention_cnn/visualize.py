@@ -35,7 +35,7 @@ from matplotlib.figure import Figure
 from attention_cnn.data.prepared import PreparedSplit, load_split
 from attention_cnn.errors import UserError
 from attention_cnn.maps import upsample
-from attention_cnn.model import AttentionCNN, TrainedModel, load_model
+from attention_cnn.model import AttentionCNN, TrainedModel, autocast, load_model
 from attention_cnn.params import Params
 
 PANEL_TITLES = ("input", "before (max over channels)", "attention mask", "after (max over channels)")
@@ -124,11 +124,6 @@ def check_model_matches(trained: TrainedModel, split: PreparedSplit, model_path:
         raise UserError(f"{model_path}: the model was trained on classes {trained.classes} at {trained.img_size} "
                         f"px, but {prepared_dir} holds {split.classes} at {split.img_size} px. Run `dvc repro` to "
                         f"retrain on the prepared data.")
-
-
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA; a no-op on CPU, where bf16 is slower than fp32 on most machines."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
 def model_device(model: AttentionCNN) -> torch.device:
