@@ -15,7 +15,8 @@ from attention_cnn.maps import AttentionMap, GradCAM, RandomMap
 from attention_cnn.metrics import classification_report
 from attention_cnn.model import AttentionCNN, load_model, save_model
 from attention_cnn.params import ModelParams, parse_params
-from attention_cnn.visualize import DPI, PANEL_INCHES, output_dir, safe_name, spread_over_classes, visualize
+from attention_cnn.atomic import atomic_dir
+from attention_cnn.visualize import DPI, PANEL_INCHES, safe_name, spread_over_classes, visualize
 
 S = 32
 CLASSES = ["red", "green", "blue"]
@@ -162,15 +163,15 @@ def test_confusion_records_use_class_names():
 
 def test_output_dir_keeps_the_old_folder_when_a_run_fails(tmp_path):
     final = tmp_path / "out"
-    with output_dir(final) as tmp:
+    with atomic_dir(final) as tmp:
         (tmp / "a.txt").write_text("first")
     with pytest.raises(RuntimeError):
-        with output_dir(final) as tmp:
+        with atomic_dir(final) as tmp:
             (tmp / "b.txt").write_text("half")
             raise RuntimeError("killed")
     assert [p.name for p in final.iterdir()] == ["a.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temp folders left
-    with output_dir(final) as tmp:
+    with atomic_dir(final) as tmp:
         (tmp / "c.txt").write_text("second")
     assert [p.name for p in final.iterdir()] == ["c.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

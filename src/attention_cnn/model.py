@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from attention_cnn.atomic import atomic_torch_save
 from attention_cnn.errors import UserError
 from attention_cnn.params import ModelParams
 
@@ -312,8 +313,6 @@ class TrainedModel:
 def save_model(path: Path | str, model: AttentionCNN, classes: list[str],
                state_dict: dict[str, torch.Tensor] | None = None) -> Path:
     """Write the model atomically. `state_dict` overrides the model's own (e.g. the best epoch's weights)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = state_dict if state_dict is not None else model.state_dict()
     blob = {
         "format": MODEL_FORMAT,
@@ -324,10 +323,7 @@ def save_model(path: Path | str, model: AttentionCNN, classes: list[str],
         "mean": state["mean"].detach().cpu().flatten().tolist(),  # also in state_dict; here for humans
         "std": state["std"].detach().cpu().flatten().tolist(),
     }
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(blob, tmp)
-    os.replace(tmp, path)
-    return path
+    return atomic_torch_save(blob, path)
 
 
 def load_model(path: Path | str, map_location: torch.device | str = "cpu") -> TrainedModel:

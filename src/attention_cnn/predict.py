@@ -28,7 +28,8 @@ from tqdm import tqdm
 from attention_cnn.data.prepare import Decoded, decode_image, image_extensions, resolve_workers
 from attention_cnn.errors import UserError
 from attention_cnn.params import VisualizeParams
-from attention_cnn.visualize import (PanelFigure, check_colormap, compute_panels, load_for_inference, output_dir,
+from attention_cnn.atomic import atomic_dir
+from attention_cnn.visualize import (PanelFigure, check_colormap, compute_panels, load_for_inference,
                                      prediction_label, safe_name)
 
 RESIZE_POLICY = "stretch"  # as the seed, and as the default prepare stage
@@ -167,7 +168,7 @@ def predict_folder(model_path: Path | str, images_dir: Path | str, out_dir: Path
     names = figure_names(files) if figures else [None] * len(files)
     pixels = torch.from_numpy(np.stack([decoded[i].pixels for i in kept]))  # (N, 3, S, S) uint8
     predictions: list[Prediction] = []
-    with output_dir(out_dir) as tmp:
+    with atomic_dir(out_dir) as tmp:
         figure = PanelFigure(1, colormap, alpha) if figures else None
         bar = tqdm(total=len(files), desc="predict", unit="img", disable=not progress)
         for lo in range(0, len(files), batch_size):

@@ -33,6 +33,7 @@ from tqdm import tqdm
 from attention_cnn import model as model_module
 from attention_cnn.data.prepared import PreparedSplit, load_split
 from attention_cnn.errors import UserError
+from attention_cnn.atomic import atomic_torch_save
 from attention_cnn.model import AttentionCNN, autocast, save_model
 from attention_cnn.params import Params, TrainParams
 
@@ -233,10 +234,7 @@ def set_rng_state(state: dict, generators: dict[str, torch.Generator]) -> None:
 
 
 def save_checkpoint(path: Path, blob: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(blob, tmp)
-    os.replace(tmp, path)  # a kill leaves the previous checkpoint, never half of a new one
+    atomic_torch_save(blob, path)  # a kill leaves the previous checkpoint, never half of a new one
 
 
 def read_checkpoint(path: Path, expected_fingerprint: str, say: Callable[[str], None]) -> dict | None:

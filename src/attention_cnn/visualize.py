@@ -6,8 +6,7 @@ Each map is upsampled bilinearly to the image and overlaid on it. One colour sca
 bar: before and after are min-max scaled JOINTLY per image (so what the mask removed shows as a darker
 "after"), and the mask is drawn as it is, on [0, 1].
 
-Also the drawing helpers shared by evaluate (the misclassified gallery) and predict (one figure per image),
-and `output_dir`, which builds an output folder in a temp dir and swaps it in only when everything is written.
+Also the drawing helpers shared by evaluate (the misclassified gallery) and predict (one figure per image).
 
 matplotlib is used through its object API with the Agg canvas (no pyplot, no global backend), and each figure
 layout is built once and reused: creating figures and axes is the slow part, not saving them.
@@ -15,14 +14,9 @@ layout is built once and reused: creating figures and axes is the slow part, not
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
-import tempfile
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import matplotlib
 import numpy as np
@@ -32,6 +26,7 @@ from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Colormap, Normalize
 from matplotlib.figure import Figure
 
+from attention_cnn.atomic import atomic_dir
 from attention_cnn.data.prepared import PreparedSplit, load_split
 from attention_cnn.errors import UserError
 from attention_cnn.maps import upsample
@@ -45,30 +40,6 @@ DPI = 90
 
 # ----------------------------------------------------------------------------------------------------------
 # Output folders and names
-
-
-@contextmanager
-def output_dir(final: Path | str) -> Iterator[Path]:
-    """Yield a fresh temp folder next to `final`; on success it replaces `final`, on failure it is removed.
-
-    A killed or failed run therefore never leaves a half-written `final` (an old complete one stays).
-    """
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private
-    old = None
-    if final.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
-        os.replace(final, old / final.name)
-    os.replace(tmp, final)
-    if old is not None:
-        shutil.rmtree(old)
 
 
 def safe_name(text: str) -> str:
@@ -296,7 +267,7 @@ def visualize(params: Params, prepared_dir: Path | str, model_path: Path | str, 
                                 int(test.labels[index]))
 
     image_names, grid_names = [], []
-    with output_dir(out_dir) as tmp:
+    with atomic_dir(out_dir) as tmp:
         single = PanelFigure(1, vis.colormap, vis.alpha)
         for n, index in enumerate(chosen, start=1):
             name = f"{n:02d}_{safe_name(Path(test.files[index]).stem)}.png"

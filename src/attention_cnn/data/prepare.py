@@ -28,9 +28,7 @@ import io
 import json
 import multiprocessing
 import os
-import shutil
 import sys
-import uuid
 import warnings
 import zlib
 from collections import defaultdict
@@ -44,6 +42,7 @@ import torch
 from PIL import ExifTags, Image, ImageCms, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
+from attention_cnn.atomic import atomic_dir
 from attention_cnn.data.prepared import SPLITS, PreparedSplit, save_split
 from attention_cnn.errors import UserError
 from attention_cnn.params import Params
@@ -655,18 +654,6 @@ def preview_grid(split: PreparedSplit, per_class: int = PREVIEW_PER_CLASS) -> Im
     return grid
 
 
-def _publish(build_dir: Path, out_dir: Path) -> None:
-    """Swap the finished build in. Two renames on the same file system: out_dir is always either the old
-    complete folder, briefly absent, or the new complete folder, never partial."""
-    if out_dir.exists():
-        old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:12]}"
-        os.replace(out_dir, old)
-        os.replace(build_dir, out_dir)
-        shutil.rmtree(old)
-    else:
-        os.replace(build_dir, out_dir)
-
-
 def _mask_path(masks_root: Path, rel: str) -> str | None:
     path = masks_root / Path(rel).with_suffix(".png")
     return str(path) if path.is_file() else None
@@ -701,9 +688,7 @@ def _write_outputs(out_dir: Path, found: Discovery, decoded: _DecodedSet, split_
                    use_masks: bool, report: PrepareReport) -> None:
     """Build everything in a hidden folder next to out_dir (same file system, so the final rename is atomic),
     then swap it in. Any failure removes the build and leaves out_dir as it was."""
-    build_dir = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:12]}"
-    build_dir.mkdir(parents=True)  # not mkdtemp: that would make the outputs private (mode 700)
-    try:
+    with atomic_dir(out_dir) as build_dir:
         for split in SPLITS:
             members = sorted((i for i, s in split_of.items() if s == split),
                              key=lambda i: (found.images[i].label, found.images[i].rel))
@@ -716,10 +701,6 @@ def _write_outputs(out_dir: Path, found: Discovery, decoded: _DecodedSet, split_
             preview_grid(data).save(build_dir / f"preview_{split}.png", compress_level=1)  # 2x faster than 6
         (build_dir / "report.json").write_text(json.dumps(asdict(report), indent=2, ensure_ascii=False) + "\n",
                                                encoding="utf-8")
-        _publish(build_dir, out_dir)
-    except BaseException:
-        shutil.rmtree(build_dir, ignore_errors=True)
-        raise
 
 
 def prepare(params: Params, out_dir: Path | str = "data/prepared", root: Path | str = ".",

@@ -14,12 +14,12 @@ Each file holds a dict:
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from attention_cnn.atomic import atomic_torch_save
 from attention_cnn.errors import UserError
 
 SPLITS = ("train", "val", "test")
@@ -47,13 +47,9 @@ def split_path(prepared_dir: Path | str, split: str) -> Path:
 
 def save_split(prepared_dir: Path | str, split: str, data: PreparedSplit) -> Path:
     """Write one split atomically: a killed run never leaves a half-written file under the final name."""
-    path = split_path(prepared_dir, split)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".pt.tmp")
-    torch.save({"images": data.images.contiguous(), "labels": data.labels, "masks": data.masks,
-                "files": list(data.files), "classes": list(data.classes)}, tmp)
-    os.replace(tmp, path)
-    return path
+    return atomic_torch_save({"images": data.images.contiguous(), "labels": data.labels, "masks": data.masks,
+                              "files": list(data.files), "classes": list(data.classes)},
+                             split_path(prepared_dir, split))
 
 
 def load_split(prepared_dir: Path | str, split: str) -> PreparedSplit:

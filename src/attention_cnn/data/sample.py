@@ -12,9 +12,6 @@ share facades and tarmac.
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +19,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
+
+from attention_cnn.atomic import atomic_dir
 
 CLASSES = ("buildings", "forest", "glacier", "mountain", "sea", "street")
 MASKS_DIR = ".masks"  # hidden, so prepare never takes it for a class
@@ -239,10 +238,7 @@ def write_sample(out_dir: Path | str, seed: int, images_per_class: int, image_si
 
     The folder is built beside `out_dir` and renamed into place, so a killed run leaves no partial sample.
     """
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as staging:
         jobs = [(name, i) for name in CLASSES for i in range(images_per_class)]
         for name in CLASSES:
             (staging / name).mkdir()
@@ -252,9 +248,4 @@ def write_sample(out_dir: Path | str, seed: int, images_per_class: int, image_si
             stem = f"{name}_{i:04d}"
             scene.image.save(staging / name / f"{stem}.jpg", quality=jpeg_quality)
             scene.mask.save(staging / MASKS_DIR / name / f"{stem}.png", optimize=False)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(staging, out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return out_dir
+    return Path(out_dir)
