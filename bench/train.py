@@ -2,12 +2,15 @@
 
     .venv/bin/python bench/train.py                      # CPU, 64 px, ~2-3 minutes on 2 cores
     .venv/bin/python bench/train.py --device cuda --img-size 150 --batch-size 512 --compile --images 14000
+    bash bench/gpu_check.sh                              # the whole GPU check, on a machine with a GPU
 
 The fixture is generated in a temporary folder: class-dependent images (oriented stripes, a frequency and an
 angle per class, random phase, tint and noise), written as 150x150 JPEGs like the Intel set the seed used.
-    ours   attention_cnn.train.train with the default attention (conv), everything included (indexing the uint8
-           tensors, augmentation, Adam, metrics), on the JPEGs decoded once (what `prepare` does);
-           images/s is the median over the epochs after the first (the first warms up or compiles).
+    ours   attention_cnn.train.train with the default attention (conv) on the JPEGs decoded once (what `prepare`
+           does). The timed part is the whole training pass: indexing the uint8 tensors, augmentation, forward,
+           backward, Adam and the loss/accuracy sums; validation and DVCLive (left out here) are outside it.
+           images/s is the median over the epochs after the first (the first warms up or compiles);
+           with --compile --also-eager the eager loop is timed as well, on the same data.
     seed   the seed's recipe: dense attention, fp32, batch 32, 128 channels, Adam, and a torch DataLoader
            that decodes every JPEG each epoch (Pillow + torchvision Resize/ToTensor).
 It also measures this machine's matmul peak (a big torch.mm) and reports our achieved FLOP/s as a share of it
@@ -114,7 +117,9 @@ def run_ours(prepared: Path, out: Path, args, params_overrides: dict) -> dict:
            "train": {"epochs": args.epochs, "batch_size": args.batch_size, "device": args.device,
                      "compile": args.compile, "patience": 1000, **params_overrides.get("train", {})}}
     params = parse_params(raw)
-    result = train(params, prepared, out / "model.pt", out / "checkpoint.pt", out / "metrics", progress=True)
+    # No metrics folder: DVCLive writes once per epoch, outside the timed part, and leaving it out lets this
+    # script run where only torch is installed (the GPU image of bench/gpu_check.sh has no dvclive).
+    result = train(params, prepared, out / "model.pt", out / "checkpoint.pt", metrics_dir=None, progress=True)
     rates = [r.images_per_s for r in result.history[1:]] or [result.history[0].images_per_s]
     return {"images_per_s": statistics.median(rates), "params": params}
 
@@ -237,6 +242,7 @@ def main() -> None:
     parser.add_argument("--channels", type=int, default=ModelParams().channels, help="our model.channels")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu")
     parser.add_argument("--compile", action="store_true", help="train.compile for our loop")
+    parser.add_argument("--also-eager", action="store_true", help="with --compile: time the eager loop too")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--seed-batches", type=int, default=12, help="timed batches of the seed loop")
     parser.add_argument("--seed-workers", type=int, default=0, help="DataLoader workers of the seed loop")
@@ -262,10 +268,17 @@ def main() -> None:
         print(f"fixture: {len(items)} JPEGs of {SOURCE_SIZE} px, decoded once to {args.img_size} px "
               f"in {time.perf_counter() - started:.1f} s")
 
+        eager = None
+        if args.compile and args.also_eager:
+            eager = run_ours(tmp / "prepared", tmp / "eager", args,
+                             {"model": {"channels": args.channels}, "train": {"compile": False}})
+            print(f"ours without torch.compile: {eager['images_per_s']:,.0f} images/s")
         ours = run_ours(tmp / "prepared", tmp / "ours", args, {"model": {"channels": args.channels}})
         print(f"ours (conv, {args.channels} ch, batch {args.batch_size}"
-              f"{', bf16 + channels_last' if device.type == 'cuda' else ', fp32'}"
+              f"{', bf16 autocast + channels_last' if device.type == 'cuda' else ', fp32'}"
               f"{', compiled' if args.compile else ''}): {ours['images_per_s']:,.0f} images/s")
+        if eager:
+            print(f"torch.compile speed-up: {ours['images_per_s'] / eager['images_per_s']:.2f}x")
         wide = None
         if args.seed_width:
             wide = run_ours(tmp / "prepared", tmp / "wide", args,

@@ -7,16 +7,16 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from attention_cnn.data.prepared import PreparedSplit, save_split
+from attention_cnn.data.prepared import PreparedSplit, load_split, save_split
 from attention_cnn.errors import UserError
 from attention_cnn.evaluate import (attention_quality, confusion_records, evaluate, predict_logits,
                                     saliency_methods, write_misclassified)
-from attention_cnn.maps import AttentionMap, GradCAM, RandomMap
+from attention_cnn.maps import AttentionMap, GradCAM, RandomMap, upsample
 from attention_cnn.metrics import classification_report
 from attention_cnn.model import AttentionCNN, load_model, save_model
 from attention_cnn.params import ModelParams, parse_params
 from attention_cnn.atomic import atomic_dir
-from attention_cnn.visualize import DPI, PANEL_INCHES, safe_name, spread_over_classes, visualize
+from attention_cnn.visualize import DPI, PANEL_INCHES, compute_panels, safe_name, spread_over_classes, visualize
 
 S = 32
 CLASSES = ["red", "green", "blue"]
@@ -203,6 +203,24 @@ def test_visualize_writes_one_figure_per_image_and_a_grid_per_class(workspace):
     with Image.open(result.image_files[0]) as single:
         colours = single.convert("RGB").getcolors(maxcolors=1_000_000)
         assert colours is not None and len(colours) > 500
+
+
+def test_panels_scale_the_mask_per_image_and_keep_its_raw_range(workspace):
+    model = load_model(workspace / "model_conv.pt").model
+    images = load_split(workspace / "prepared", "test").images[:5]
+    panels = compute_panels(model, images, batch_size=2)
+    with torch.no_grad():
+        out = model(images.float() / 255)
+    raw = upsample(out.mask.mean(dim=1), S)                                # (5, S, S) as the model made it
+    low, high = raw.amin(dim=(1, 2)), raw.amax(dim=(1, 2))
+    torch.testing.assert_close(panels.mask_range, torch.stack([low, high], dim=1))
+    assert (high - low).min() > 1e-4  # a real, if narrow, range: the scaling below has something to stretch
+    torch.testing.assert_close(panels.mask, (raw - low[:, None, None]) / (high - low)[:, None, None])
+    # Before and after share one scale per image: together, not each, they span [0, 1].
+    both = torch.cat([panels.before, panels.after], dim=1).flatten(1)
+    torch.testing.assert_close(both.amin(1), torch.zeros(5))
+    torch.testing.assert_close(both.amax(1), torch.ones(5))
+    assert torch.equal(panels.predictions, out.logits.argmax(dim=1))
 
 
 def test_visualize_refuses_an_unknown_colormap(workspace, tmp_path):

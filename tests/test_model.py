@@ -1,10 +1,11 @@
-"""The attention CNN: every variant's output contract, the seed's dense formula by hand, the memory guard, and
-the saved-model round trip."""
+"""The attention CNN: every variant's output contract (also in bf16 and channels_last, as CUDA runs it), the seed's
+dense formula by hand, the memory guard, and the saved-model round trip."""
 
 import time
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from attention_cnn.errors import UserError
 from attention_cnn.model import (AttentionCNN, ConvAttention, DenseAttention, available_memory_bytes,
@@ -42,6 +43,28 @@ def test_every_variant_keeps_the_output_contract(variant):
     out.logits.sum().backward()
     for name, p in model.attention.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("variant", ATTENTION_VARIANTS)
+def test_every_variant_trains_a_step_in_bf16_autocast_and_channels_last(variant):
+    """What a CUDA step runs (bf16 autocast, channels_last weights and input), on CPU's bf16 autocast: every
+    variant must mix bf16 activations with its fp32 pieces without a dtype error, and train in fp32."""
+    model = tiny(variant).to(memory_format=torch.channels_last).train()
+    x = torch.rand(B, 3, IMG, IMG).contiguous(memory_format=torch.channels_last)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+        loss = F.cross_entropy(out.logits.float(), torch.arange(B) % K)
+    assert out.logits.dtype == torch.bfloat16  # the head ran in bf16: autocast was in effect
+    assert out.features.dtype == torch.bfloat16  # the trunk too
+    mask = out.mask.float()
+    assert mask.shape[0] == B and mask.min() >= 0 and mask.max() <= 1
+    if variant == "ltpa":  # a softmax over positions, computed in fp32 under autocast
+        torch.testing.assert_close(mask.sum(dim=(1, 2, 3)), torch.ones(B), atol=1e-2, rtol=0)
+    loss.backward()
+    assert torch.isfinite(loss)
+    for name, param in model.named_parameters():
+        assert param.dtype == torch.float32 and param.grad is not None, name
+        assert torch.isfinite(param.grad).all(), name
 
 
 def test_dense_reproduces_the_seed_formula_by_hand():
@@ -97,6 +120,15 @@ def test_dense_refuses_what_no_machine_holds_and_accepts_what_fits():
     check_dense_fits(channels=8, img_size=32)  # 128 x 128 weights: fits anywhere
     # Holding a trained layer for prediction needs the weights only: 4 bytes each, not 16.
     assert dense_attention_bytes(8, 32, training=False) == (128 * 128 + 2 * 128) * 4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bench/gpu_check.sh runs it on one)")
+def test_dense_guard_reads_the_gpu_free_memory():
+    free, where = available_memory_bytes("cuda")
+    assert 0 < free <= torch.cuda.get_device_properties(0).total_memory and "free memory on" in where
+    with pytest.raises(UserError, match=r"GB of free memory on .* is at hand on cuda"):
+        check_dense_fits(channels=512, img_size=150, device="cuda")  # 1.1e12 bytes: no GPU holds it
+    check_dense_fits(channels=8, img_size=32, device="cuda")
 
 
 def test_saved_model_round_trips_to_identical_logits(tmp_path):

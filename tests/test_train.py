@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -9,12 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from tqdm import tqdm
 
-from attention_cnn.data.prepared import PreparedSplit, save_split
+from attention_cnn.data.prepared import PreparedSplit, load_split, save_split
 from attention_cnn.errors import UserError
-from attention_cnn.model import load_model
+from attention_cnn.model import AttentionCNN, load_model
 from attention_cnn.params import parse_params
-from attention_cnn.train import augment, train
+from attention_cnn.train import augment, train, train_epoch
 
 REPO = Path(__file__).resolve().parents[1]
 IMG, CLASSES = 16, ["red", "green", "blue"]
@@ -173,6 +175,68 @@ def test_augment_flips_and_shifts_whole_pixels_per_image():
     # out[i, j] = in[i + dy, j + dx], borders reflected: the interior is an exact copy of shifted pixels.
     assert torch.equal(y[1, :, 2:, :5], x[1, :, :4, 1:])
     assert torch.equal(augment(x, torch.tensor([False, False]), torch.zeros(2, 2, dtype=torch.long)), x)
+
+
+@pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None,
+                    reason="torch.compile on CPU needs a C++ compiler")
+def test_compiled_training_matches_eager(prepared, tmp_path):
+    """train.compile=true (what the GPU benchmark runs) trains the same model as eager, up to float rounding in
+    the fused kernels, and saves weights that load without torch.compile's wrapper names."""
+    def without_dropout(compile: bool):  # compiled dropout draws its masks from another RNG stream than eager
+        raw = json.loads(json.dumps(RAW))
+        raw["model"]["dropout"] = 0.0
+        # 60 images = 3 full batches of 20: one compiled graph, no recompile for a short last batch.
+        raw["train"].update(epochs=2, batch_size=20, compile=compile)
+        return parse_params(raw)
+
+    eager = run(prepared, tmp_path / "eager", without_dropout(False))
+    compiled = run(prepared, tmp_path / "compiled", without_dropout(True))
+    for a, b in zip(eager.history, compiled.history, strict=True):
+        assert b.train_loss == pytest.approx(a.train_loss, rel=1e-5)
+        assert b.val_loss == pytest.approx(a.val_loss, rel=1e-5)
+    loaded = load_model(tmp_path / "compiled" / "model.pt")
+    eager_weights = weights(tmp_path / "eager")
+    assert loaded.model.state_dict().keys() == eager_weights.keys()
+    for key, value in loaded.model.state_dict().items():
+        torch.testing.assert_close(value, eager_weights[key], atol=1e-4, rtol=1e-4)
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
+                                reason="needs a CUDA GPU (bench/gpu_check.sh runs it on one)")
+
+
+@needs_cuda
+def test_cuda_step_runs_in_bf16_on_channels_last_input(prepared):
+    """Inside a real training pass on the GPU: the convolutions see channels_last input and compute in bf16."""
+    device = torch.device("cuda")
+    p = params(device="cuda")
+    net = AttentionCNN(len(CLASSES), IMG, p.model, device=device).to(device, memory_format=torch.channels_last)
+    seen = []
+    hook = net.trunk[1].conv.register_forward_hook(lambda module, inputs, output: seen.append(
+        (inputs[0].is_contiguous(memory_format=torch.channels_last), output.dtype)))
+    split = load_split(prepared, "train")
+    images, labels, n = split.images.to(device), split.labels.to(device), len(split)
+    optimizer = torch.optim.Adam(net.parameters(), fused=True)
+    with tqdm(disable=True) as bar:
+        totals = train_epoch(net, optimizer, images, labels, torch.randperm(n, device=device),
+                             torch.zeros(n, dtype=torch.bool, device=device),
+                             torch.ones(n, 2, dtype=torch.long, device=device), p.train, bar)
+    hook.remove()
+    assert totals[2].item() == n and torch.isfinite(totals[0])
+    assert seen and all(channels_last and dtype == torch.bfloat16 for channels_last, dtype in seen)
+
+
+@needs_cuda
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_cuda_training_learns_and_its_model_predicts_on_cpu(prepared, tmp_path, compiled):
+    p = params(device="cuda", epochs=6, batch_size=20, compile=compiled)
+    result = train(p, prepared, tmp_path / "model.pt", tmp_path / "checkpoint.pt", metrics_dir=None, progress=False)
+    assert result.best_val_accuracy >= 0.9 and result.history[-1].train_loss < result.history[0].train_loss
+    loaded = load_model(tmp_path / "model.pt")  # on the CPU
+    val = load_split(prepared, "val")
+    with torch.no_grad():
+        predicted = loaded.model(val.images.float() / 255).logits.argmax(dim=1)
+    assert (predicted == val.labels).float().mean() >= 0.85  # bf16-trained weights work in fp32
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is present here")

@@ -464,7 +464,9 @@ def _train(params: Params, ctx: Dist, prepared_dir: Path | str, model_path: Path
         step_model = torch.nn.parallel.DistributedDataParallel(
             net, device_ids=[device.index] if device.type == "cuda" else None)
     if tp.compile:
-        step_model = torch.compile(step_model)
+        # dynamic=False: the short last batch of an epoch gets its own static graph. By default its new shape
+        # would make torch.compile build a shape-generic graph, which the full batches would then run too.
+        step_model = torch.compile(step_model, dynamic=False)
 
     epoch = len(history)
     while not done and epoch < tp.epochs:

@@ -2,9 +2,11 @@
 
 For each drawn image, four panels side by side:
     input | before: features.amax(1), the seed's merged filter | the mask: mask.mean(1) | after: attended.amax(1)
-Each map is upsampled bilinearly to the image and overlaid on it. One colour scale per figure, with a colour
-bar: before and after are min-max scaled JOINTLY per image (so what the mask removed shows as a darker
-"after"), and the mask is drawn as it is, on [0, 1].
+Each map is upsampled bilinearly to the image and overlaid on it, on one colour scale with a colour bar.
+Before and after are min-max scaled JOINTLY per image, so what the mask removed shows as a darker "after".
+The mask is min-max scaled on its own, per image, and its raw range is written under its panel: drawn as it
+is, a `conv` mask (mean over channels, about 0.45-0.55 everywhere) looks flat and an `ltpa` mask (a softmax
+that sums to 1) looks black, although both rank the positions clearly.
 
 Also the drawing helpers shared by evaluate (the misclassified gallery) and predict (one figure per image).
 
@@ -29,11 +31,11 @@ from matplotlib.figure import Figure
 from attention_cnn.atomic import atomic_dir
 from attention_cnn.data.prepared import PreparedSplit, load_split
 from attention_cnn.errors import UserError
-from attention_cnn.maps import upsample
+from attention_cnn.maps import scale_unit, upsample
 from attention_cnn.model import AttentionCNN, TrainedModel, autocast, load_model
 from attention_cnn.params import Params
 
-PANEL_TITLES = ("input", "before (max over channels)", "attention mask", "after (max over channels)")
+PANEL_TITLES = ("input", "before (max over channels)", "attention mask (scaled)", "after (max over channels)")
 PANEL_INCHES = 1.7
 DPI = 90
 
@@ -69,7 +71,8 @@ class Panels:
     """Everything the four panels need for B images, at image resolution S."""
     images: torch.Tensor       # (B, 3, S, S) uint8
     before: torch.Tensor       # (B, S, S) in [0, 1], scaled jointly with `after`
-    mask: torch.Tensor         # (B, S, S) in [0, 1], as the model made it
+    mask: torch.Tensor         # (B, S, S) in [0, 1], min-max scaled per image
+    mask_range: torch.Tensor   # (B, 2) the mask's raw (min, max) before that scaling
     after: torch.Tensor        # (B, S, S) in [0, 1]
     probs: torch.Tensor        # (B, K) softmax
     predictions: torch.Tensor  # (B,) int64
@@ -105,7 +108,7 @@ def compute_panels(model: AttentionCNN, images: torch.Tensor, batch_size: int = 
     """Run the model on uint8 images (B, 3, S, S) and build the before/mask/after maps, batch by batch."""
     device = model_device(model)
     size = images.shape[-1]
-    before, mask, after, probs = [], [], [], []
+    before, mask, mask_range, after, probs = [], [], [], [], []
     with torch.inference_mode(), autocast(device):
         for start in range(0, images.shape[0], batch_size):
             x = images[start:start + batch_size].to(device).float() / 255               # (b, 3, S, S)
@@ -117,12 +120,14 @@ def compute_panels(model: AttentionCNN, images: torch.Tensor, batch_size: int = 
             span = (high - low).clamp_min(1e-12)
             before.append(((b - low) / span).cpu())
             after.append(((a - low) / span).cpu())
-            mask.append(upsample(out.mask.float().mean(dim=1), size).clamp(0, 1).cpu())
+            m = upsample(out.mask.float().mean(dim=1), size).clamp(0, 1)               # (b, S, S)
+            mask.append(scale_unit(m).cpu())
+            mask_range.append(torch.stack([m.flatten(1).amin(1), m.flatten(1).amax(1)], dim=1).cpu())
             probs.append(out.logits.float().softmax(dim=1).cpu())
     probs_all = torch.cat(probs)
     confidence, predictions = probs_all.max(dim=1)
-    return Panels(images=images, before=torch.cat(before), mask=torch.cat(mask), after=torch.cat(after),
-                  probs=probs_all, predictions=predictions, confidence=confidence)
+    return Panels(images=images, before=torch.cat(before), mask=torch.cat(mask), mask_range=torch.cat(mask_range),
+                  after=torch.cat(after), probs=probs_all, predictions=predictions, confidence=confidence)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -174,12 +179,9 @@ class PanelFigure:
             self.row_titles.append(row_axes[0].set_ylabel("", fontsize=6, labelpad=2))
         colorbar = self.figure.colorbar(ScalarMappable(Normalize(0, 1), self.cmap),
                                         cax=self.figure.add_subplot(grid[:, 4]))
-        colorbar.set_label("mask; before & after scaled jointly", fontsize=6)
+        colorbar.set_label("min-max scaled per image", fontsize=6)
         colorbar.ax.tick_params(labelsize=6)
         self.title = self.figure.suptitle("", fontsize=8, y=1 - 0.1 / height)
-        # The mask is drawn on [0, 1] as it is; its largest value goes into the column title, so a faint mask
-        # (ltpa's softmax over positions sums to 1) reads as "small everywhere", not as "missing".
-        self.mask_max: list[float | None] = [None] * rows
 
     def overlay(self, rgb: np.ndarray, heat: torch.Tensor) -> np.ndarray:
         colour = self.cmap(heat.numpy())[..., :3]  # (S, S, 3)
@@ -195,18 +197,16 @@ class PanelFigure:
             artist.set_extent((-0.5, picture.shape[1] - 0.5, picture.shape[0] - 0.5, -0.5))
             ax.set_visible(True)
         self.row_titles[row].set_text(label)
-        self.mask_max[row] = float(panels.mask[index].max())
+        low, high = panels.mask_range[index].tolist()
+        self.axes[row][2].set_xlabel(f"raw {low:.2f} to {high:.2f}", fontsize=6, labelpad=1)
 
     def hide_rows_from(self, row: int) -> None:
         for r in range(row, self.rows):
             for ax in self.axes[r]:
                 ax.set_visible(False)
-            self.mask_max[r] = None
 
     def save(self, path: Path, title: str = "") -> None:
         self.title.set_text(title)
-        shown = [m for m in self.mask_max if m is not None]
-        self.axes[0][2].set_title(f"{PANEL_TITLES[2]} (max {max(shown):.2f})" if shown else PANEL_TITLES[2], fontsize=7)
         self.figure.savefig(path, dpi=self.dpi)
 
 
