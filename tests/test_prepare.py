@@ -436,6 +436,35 @@ def test_duplicates_across_splits_are_reported(tmp_path):
     assert len(on_disk["duplicates_across_splits"]) == 4
 
 
+def test_copies_within_a_class_land_in_one_split(tmp_path):
+    src = class_folders(tmp_path / "src", per_class=10)
+    # cat: three copies of 000 and two of 005 under other names; dog/owl untouched.
+    for original, copies in (("000", ("copy_a", "copy_b")), ("005", ("zz_copy",))):
+        for copy in copies:
+            shutil.copy(src / "cat" / f"{original}.png", src / "cat" / f"{copy}.png")
+    report, splits = run(src, tmp_path / "out")
+    split_of = {f: split for split in SPLITS for f in splits[split].files}
+    assert len({split_of[f"cat/{name}.png"] for name in ("000", "copy_a", "copy_b")}) == 1
+    assert split_of["cat/005.png"] == split_of["cat/zz_copy.png"]
+    assert report.duplicates_across_splits == [] and report.duplicate_groups_within_split == 2
+    assert sum(report.totals.values()) == 33 and all(report.counts[split]["cat"] >= 1 for split in SPLITS)
+    # Classes without copies split as before: the copies in cat change nothing in dog and owl.
+    _, plain = run(class_folders(tmp_path / "plain", per_class=10), tmp_path / "plain_out")
+    for split in SPLITS:
+        assert [f for f in splits[split].files if not f.startswith("cat/")] == \
+            [f for f in plain[split].files if not f.startswith("cat/")]
+
+
+def test_a_class_of_copies_cannot_fill_every_split(tmp_path):
+    src = class_folders(tmp_path / "src", classes=("cat", "dog"), per_class=10)
+    for i in range(1, 10):
+        shutil.copy(src / "dog" / "000.png", src / "dog" / f"{i:03d}.png")  # ten files, two different images
+    noise(src / "dog" / "other.png", seed=99)
+    with pytest.raises(UserError, match=r"class 'dog' has 11 readable image\(s\) .* but only 2 distinct images .* splits? would be empty"):
+        run(src, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_deterministic_and_independent_of_listing_order(tmp_path, monkeypatch):
     src = class_folders(tmp_path / "src", per_class=10)
     report, serial = run(src, tmp_path / "a", workers=1)

@@ -497,9 +497,12 @@ def _class_rng(seed: int, name: str) -> np.random.Generator:
 
 
 def assign_splits(found: Discovery, kept: list[int], val_fraction: float, test_fraction: float,
-                  seed: int) -> dict[int, str]:
+                  seed: int, digests: list[str | None] | None = None) -> dict[int, str]:
     """Split of every kept image (index into found.images). Deterministic for a seed: each class' files are
     sorted by path, then permuted by the class RNG, so the file system's listing order does not matter.
+    Byte-identical files of a class (same entry in `digests`) are drawn as one unit and land in one split:
+    a copy of a training image in test would inflate the test accuracy. Without duplicates every unit is one
+    file, and the split is the same as drawing files.
     Raises UserError when some class would get no image in some split."""
     pools: dict[tuple[int, str], list[int]] = defaultdict(list)
     for i in kept:
@@ -515,8 +518,8 @@ def assign_splits(found: Discovery, kept: list[int], val_fraction: float, test_f
         n_test = _round(n * test_fraction) if pool == "" else 0
         n_val = _round(n * val_fraction)
         n_train = n - n_val - n_test
+        name = found.classes[label]
         if n_val < 1 or n_train < 1 or (pool == "" and n_test < 1):
-            name = found.classes[label]
             fractions = (f"data.val_fraction {val_fraction} and data.test_fraction {test_fraction} give "
                          f"{n_val} val, {n_test} test" if pool == "" else
                          f"data.val_fraction {val_fraction} gives {n_val} val")
@@ -524,9 +527,24 @@ def assign_splits(found: Discovery, kept: list[int], val_fraction: float, test_f
                             f"{_class_dir(found, label, pool or None)}; {fractions} and {n_train} train, but every "
                             f"split needs at least one image of every class. Add images to the class or change "
                             f"data.val_fraction / data.test_fraction in params.yaml.")
-        order = _class_rng(seed, found.classes[label]).permutation(n)
-        for rank, k in enumerate(order):
-            split_of[members[k]] = "test" if rank < n_test else "val" if rank < n_test + n_val else "train"
+        units: dict[str | int, list[int]] = {}  # first file's position keeps the units in path order
+        for i in members:
+            key = digests[i] if digests is not None and digests[i] is not None else i
+            units.setdefault(key, []).append(i)
+        groups = list(units.values())
+        placed = {"test": 0, "val": 0, "train": 0}
+        for k in _class_rng(seed, name).permutation(len(groups)):
+            split = "test" if placed["test"] < n_test else "val" if placed["val"] < n_val else "train"
+            placed[split] += len(groups[k])
+            split_of.update({i: split for i in groups[k]})
+        short = [split for split, count in placed.items() if count == 0 and (split != "test" or pool == "")]
+        if short:
+            distinct = f"{len(groups)} distinct image{'s' if len(groups) > 1 else ''}"
+            raise UserError(f"data.source: class '{name}' has {n} readable image(s) in "
+                            f"{_class_dir(found, label, pool or None)} but only {distinct} (the others are "
+                            f"byte-identical copies, which stay together in one split), so its "
+                            f"{' and '.join(short)} split{'s' if len(short) > 1 else ''} would be empty. "
+                            f"Add different images to the class.")
     counts = _counts(found, split_of)
     for split in SPLITS:
         for name, count in counts[split].items():
@@ -717,7 +735,8 @@ def prepare(params: Params, out_dir: Path | str = "data/prepared", root: Path | 
 
     _check_readable(found, decoded)
     kept = [i for i, error in enumerate(decoded.errors) if error is None]
-    split_of = assign_splits(found, kept, params.data.val_fraction, params.data.test_fraction, params.seed)
+    split_of = assign_splits(found, kept, params.data.val_fraction, params.data.test_fraction, params.seed,
+                             decoded.digests)
     # Masks are all or nothing: training code reads masks[i] for every i, so a partial set is reported, not used.
     use_masks = masks_root.is_dir() and bool(decoded.has_mask[kept].all())
     report = _report(params, found, decoded, split_of, masks_root.is_dir(), use_masks, out_dir)
