@@ -115,11 +115,9 @@ def compute_panels(model: AttentionCNN, images: torch.Tensor, batch_size: int = 
             out = model(x)
             b = upsample(out.features.float().amax(dim=1), size)                        # (b, S, S)
             a = upsample(out.attended.float().amax(dim=1), size)
-            both = torch.cat([b, a], dim=1).flatten(1)                                   # one scale per image
-            low, high = both.amin(1)[:, None, None], both.amax(1)[:, None, None]
-            span = (high - low).clamp_min(1e-12)
-            before.append(((b - low) / span).cpu())
-            after.append(((a - low) / span).cpu())
+            both = scale_unit(torch.stack([b, a], dim=1))                                # one scale per image
+            before.append(both[:, 0].cpu())
+            after.append(both[:, 1].cpu())
             m = upsample(out.mask.float().mean(dim=1), size).clamp(0, 1)               # (b, S, S)
             mask.append(scale_unit(m).cpu())
             mask_range.append(torch.stack([m.flatten(1).amin(1), m.flatten(1).amax(1)], dim=1).cpu())

@@ -497,7 +497,7 @@ def _class_rng(seed: int, name: str) -> np.random.Generator:
 
 
 def assign_splits(found: Discovery, kept: list[int], val_fraction: float, test_fraction: float,
-                  seed: int, digests: list[str | None] | None = None) -> dict[int, str]:
+                  seed: int, digests: list[str | None]) -> dict[int, str]:
     """Split of every kept image (index into found.images). Deterministic for a seed: each class' files are
     sorted by path, then permuted by the class RNG, so the file system's listing order does not matter.
     Byte-identical files of a class (same entry in `digests`) are drawn as one unit and land in one split:
@@ -529,7 +529,7 @@ def assign_splits(found: Discovery, kept: list[int], val_fraction: float, test_f
                             f"data.val_fraction / data.test_fraction in params.yaml.")
         units: dict[str | int, list[int]] = {}  # first file's position keeps the units in path order
         for i in members:
-            key = digests[i] if digests is not None and digests[i] is not None else i
+            key = digests[i] if digests[i] is not None else i
             units.setdefault(key, []).append(i)
         groups = list(units.values())
         placed = {"test": 0, "val": 0, "train": 0}
