@@ -55,8 +55,9 @@ def prepared(tmp_path_factory) -> Path:
     return folder
 
 
-def params(**train):
+def params(model: dict | None = None, **train):
     raw = json.loads(json.dumps(RAW))
+    raw["model"].update(model or {})
     raw["train"].update(train)
     return parse_params(raw)
 
@@ -182,15 +183,10 @@ def test_augment_flips_and_shifts_whole_pixels_per_image():
 def test_compiled_training_matches_eager(prepared, tmp_path):
     """train.compile=true (what the GPU benchmark runs) trains the same model as eager, up to float rounding in
     the fused kernels, and saves weights that load without torch.compile's wrapper names."""
-    def without_dropout(compile: bool):  # compiled dropout draws its masks from another RNG stream than eager
-        raw = json.loads(json.dumps(RAW))
-        raw["model"]["dropout"] = 0.0
-        # 60 images = 3 full batches of 20: one compiled graph, no recompile for a short last batch.
-        raw["train"].update(epochs=2, batch_size=20, compile=compile)
-        return parse_params(raw)
-
-    eager = run(prepared, tmp_path / "eager", without_dropout(False))
-    compiled = run(prepared, tmp_path / "compiled", without_dropout(True))
+    # No dropout: compiled dropout draws its masks from another RNG stream than eager.
+    # 60 images = 3 full batches of 20: one compiled graph, no recompile for a short last batch.
+    eager = run(prepared, tmp_path / "eager", params({"dropout": 0.0}, epochs=2, batch_size=20))
+    compiled = run(prepared, tmp_path / "compiled", params({"dropout": 0.0}, epochs=2, batch_size=20, compile=True))
     for a, b in zip(eager.history, compiled.history, strict=True):
         assert b.train_loss == pytest.approx(a.train_loss, rel=1e-5)
         assert b.val_loss == pytest.approx(a.val_loss, rel=1e-5)
