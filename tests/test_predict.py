@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from attention_cnn.cli import main
-from attention_cnn.data.prepare import decode_image
+from attention_cnn.data.decode import decode_image
 from attention_cnn.errors import UserError
 from attention_cnn.model import AttentionCNN, load_model, save_model
 from attention_cnn.params import ModelParams

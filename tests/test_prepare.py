@@ -18,7 +18,8 @@ import torch
 import yaml
 from PIL import Image, ImageCms
 
-from attention_cnn.data.prepare import decode_image, prepare
+from attention_cnn.data.decode import MAX_IMAGE_PIXELS, decode_image
+from attention_cnn.data.prepare import prepare
 from attention_cnn.data.prepared import SPLITS, load_split
 from attention_cnn.errors import UserError
 from attention_cnn.params import parse_params
@@ -281,9 +282,10 @@ def test_broken_files_are_skipped_and_reported(tmp_path):
     png = io.BytesIO()
     Image.fromarray(np.random.default_rng(1).integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(png, "PNG")
     (src / "owl" / "cut.png").write_bytes(png.getvalue()[:300])
-    png_claiming(src / "owl" / "bomb error.png", 20_000, 20_000)  # > 2 x MAX_IMAGE_PIXELS: Pillow raises
-    png_claiming(src / "owl" / "bomb warning.png", 10_000, 10_000)  # > 1 x: Pillow only warns; refused too
+    png_claiming(src / "owl" / "bomb error.png", 30_000, 30_000)  # > 2 x MAX_IMAGE_PIXELS: Pillow raises
+    png_claiming(src / "owl" / "bomb warning.png", 15_000, 15_000)  # > 1 x: Pillow only warns; refused too
     limit = Image.MAX_IMAGE_PIXELS
+    assert limit == MAX_IMAGE_PIXELS == 200_000_000  # our documented bound, not Pillow's 89 MP
 
     report, splits = run(src, tmp_path / "out")
     assert Image.MAX_IMAGE_PIXELS == limit  # the guard stays on
@@ -408,12 +410,16 @@ def test_failed_run_keeps_previous_outputs_and_rerun_replaces_them(tmp_path):
     src = class_folders(tmp_path / "src", per_class=5)
     out = tmp_path / "data" / "prepared"
     run(src, out)
-    (out / "stale.txt").write_text("from an older run")
+    first = (out / "train.pt").read_bytes()
     with pytest.raises(UserError):
         prepare(params(tmp_path / "gone"), out_dir=out, progress=False)
-    assert (out / "stale.txt").exists() and (out / "train.pt").exists()
-    run(src, out)
-    assert not (out / "stale.txt").exists()
+    assert (out / "train.pt").read_bytes() == first
+    run(src, out, val_fraction=0.4)  # a rerun replaces its own outputs
+    assert (out / "train.pt").read_bytes() != first
+    (out / "notes.txt").write_text("the user's")  # but never a file it did not write
+    with pytest.raises(UserError, match=r"prepared: holds files this command did not write \(notes.txt\)"):
+        run(src, out)
+    assert (out / "notes.txt").read_text() == "the user's"
     assert sorted(p.name for p in out.parent.iterdir()) == ["prepared"]
 
 

@@ -1,36 +1,142 @@
-"""All-or-nothing writes: a killed or failed run never leaves a half-written output under its final name."""
+"""All-or-nothing writes: a killed or failed run never leaves a half-written output under its final name, and
+never replaces a folder that holds files the command did not write.
+
+Temporary names are `.NAME.tmp-PID-RANDOM` (and `.NAME.old-PID-RANDOM` during the swap) beside the final path,
+so the rename stays on one file system. The next run removes those of dead processes (a killed run), never
+those of a run still going.
+"""
 
 from __future__ import annotations
 
+import errno
+import fnmatch
 import os
+import resource
 import shutil
 import uuid
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 
+from attention_cnn.errors import UserError
+
+# errno values that mean "the disk cannot take this write": full, over quota, over the file-size limit.
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+SPACE_MARGIN = 2**20  # a failed write with less than this left (disk or file-size limit) ran out of space
+FOREIGN_SHOWN = 5     # foreign files named in the refusal
+
+
+@dataclass(frozen=True)
+class Owned:
+    """What a command's own output folder holds, so that a folder holding anything else is never replaced.
+    A non-empty folder is replaced only when it holds `sign` (when given) and every file matches `patterns`
+    (fnmatch, on "/"-paths relative to the folder)."""
+    patterns: tuple[str, ...]
+    sign: str | None = None  # a file every earlier output of the command holds
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
 
 def _sibling(path: Path, tag: str) -> Path:
-    # Beside the final path, so the rename stays on one file system and is atomic.
-    return path.parent / f".{path.name}.{tag}-{uuid.uuid4().hex[:12]}"
+    return path.parent / f".{path.name}.{tag}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+
+
+def remove_stale_siblings(path: Path) -> list[Path]:
+    """Remove `.NAME.tmp-*` / `.NAME.old-*` beside `path` left by processes that are gone; return them."""
+    removed = []
+    for tag in ("tmp", "old"):
+        for stale in path.parent.glob(f".{path.name}.{tag}-*"):
+            pid = stale.name[len(f".{path.name}.{tag}-"):].split("-")[0]
+            if pid.isdigit() and _pid_alive(int(pid)):
+                continue  # another run is writing right now
+            shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+            removed.append(stale)
+    return removed
+
+
+def foreign_files(folder: Path, owned: Owned) -> list[str]:
+    """Files in `folder` (recursively, "/"-paths) that `owned` does not account for; [] when replaceable."""
+    files = sorted(Path(dirpath, name).relative_to(folder).as_posix()
+                   for dirpath, _, names in os.walk(folder) for name in names)
+    if files and owned.sign is not None and owned.sign not in files:
+        return files
+    return [f for f in files if not any(fnmatch.fnmatchcase(f, pattern) for pattern in owned.patterns)]
+
+
+def check_replaceable(final: Path, owned: Owned | None) -> None:
+    """Raise UserError when `final` is not a folder this command may replace as a whole."""
+    if final.exists() and not final.is_dir():
+        raise UserError(f"{final}: is a file, not a folder. Give a folder for the outputs.")
+    if owned is None or not final.is_dir():
+        return
+    foreign = foreign_files(final, owned)
+    if foreign:
+        shown = ", ".join(foreign[:FOREIGN_SHOWN]) + (f" and {len(foreign) - FOREIGN_SHOWN} more"
+                                                      if len(foreign) > FOREIGN_SHOWN else "")
+        raise UserError(f"{final}: holds files this command did not write ({shown}). It replaces its output "
+                        f"folder as a whole, so it refuses; move those files away, or give a new or empty folder.")
+
+
+def _space_errno(exc: BaseException | None, partial: Path | None) -> int | None:
+    """The errno that says a failed write ran out of space, or None. Python's writes carry it in the
+    exception; torch.save's C++ writer loses it (a RuntimeError), so then the disk and the file-size limit
+    are checked against the partial file, before it is removed."""
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno in _NO_SPACE:
+            return exc.errno
+        exc = exc.__cause__ or exc.__context__
+    if partial is None or not partial.exists():
+        return None
+    disk = os.statvfs(partial.parent)
+    if disk.f_bavail * disk.f_frsize < SPACE_MARGIN:
+        return errno.ENOSPC
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if limit != resource.RLIM_INFINITY and partial.stat().st_size + SPACE_MARGIN > limit:
+        return errno.EFBIG
+    return None
+
+
+class DiskFullError(UserError):
+    """A write ran out of space; the message names the output, whose previous version is intact."""
+
+    def __init__(self, code: int, path: Path):
+        super().__init__(f"{path}: no space left to write it ({os.strerror(code)}); the previous {path.name} is "
+                         "intact. Free some disk space and run again.")
+        self.code = code
 
 
 @contextmanager
-def atomic_dir(final: Path | str) -> Iterator[Path]:
+def atomic_dir(final: Path | str, owned: Owned | None = None) -> Iterator[Path]:
     """Yield a fresh hidden folder next to `final`; on success it replaces `final`, on failure it is removed.
 
     `final` is always either the old complete folder, briefly absent, or the new complete one, never partial.
+    With `owned`, a `final` holding files the command did not write is refused before anything is built.
+    A symlinked `final` is followed: its target's contents are replaced, the link stays.
     """
-    final = Path(final)
+    final = Path(os.path.realpath(final)) if Path(final).is_symlink() else Path(final)
+    check_replaceable(final, owned)
     final.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_siblings(final)
     build = _sibling(final, "tmp")
     build.mkdir()  # not tempfile.mkdtemp: that would make the outputs private (mode 700)
     try:
         yield build
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(build, ignore_errors=True)
+        code = exc.code if isinstance(exc, DiskFullError) else _space_errno(exc, None)
+        if code is not None:
+            raise DiskFullError(code, final) from exc
         raise
     if final.exists():
         old = _sibling(final, "old")
@@ -46,6 +152,13 @@ def atomic_torch_save(obj: Any, path: Path | str) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
+    try:
+        torch.save(obj, tmp)  # by path: the archive's inner name comes from it, so the bytes stay stable
+    except BaseException as exc:
+        code = _space_errno(exc, tmp)
+        tmp.unlink(missing_ok=True)
+        if code is not None:
+            raise DiskFullError(code, path) from exc
+        raise
     os.replace(tmp, path)
     return path

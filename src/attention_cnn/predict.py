@@ -1,9 +1,10 @@
 """Prediction on any folder of images, labelled or not (e.g. the Intel download's seg_pred): the seed's
 `visualize.py --data_folder`, as `attention-cnn predict`.
 
-Every image file under the folder (recursively; hidden files and folders are not read) is decoded by the
-prepare stage's own decoder (EXIF orientation, every mode to RGB, the decompression-bomb guard), stretched to
-the model's img_size, and classified. Writes into the --out folder:
+Every image file under the folder is found by the prepare stage's own walker (data/discover.py: recursive;
+hidden, non-regular and symlinked-back files are not read) and decoded by its own decoder (data/decode.py:
+EXIF orientation, every mode to RGB, the decompression-bomb guard), stretched to the model's img_size, and
+classified. Writes into the --out folder:
     predictions.csv  file, predicted_class, confidence, top_k ("forest:0.9100;sea:0.0500;...")
     skipped.csv      file, reason: image files that could not be decoded and files that are not images
     <file>.png       the input | before | mask | after figure of each image (visualize.py), unless figures=False
@@ -14,10 +15,8 @@ from __future__ import annotations
 
 import csv
 import functools
-import multiprocessing
 import os
 import sys
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,14 +24,18 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from attention_cnn.data.prepare import Decoded, decode_image, image_extensions, resolve_workers
+from attention_cnn.atomic import Owned, atomic_dir, check_replaceable
+from attention_cnn.data.decode import Decoded, decode_image, parallel_map, resolve_workers
+from attention_cnn.data.discover import Skips, image_extensions, walk_images
 from attention_cnn.errors import UserError
 from attention_cnn.params import VisualizeParams
-from attention_cnn.atomic import atomic_dir
 from attention_cnn.visualize import (PanelFigure, check_colormap, compute_panels, load_for_inference,
                                      prediction_label, safe_name)
 
 RESIZE_POLICY = "stretch"  # as the seed, and as the default prepare stage
+MIN_FILES_PER_WORKER = 64  # below this a decode process costs more than it saves
+# What an earlier predict wrote; an --out holding anything else is refused, never replaced.
+PREDICT_FILES = Owned(sign="predictions.csv", patterns=("predictions.csv", "skipped.csv", "*.png"))
 
 
 @dataclass(frozen=True)
@@ -54,53 +57,27 @@ class Prediction:
 class PredictResult:
     predictions: list[Prediction]
     skipped: list[Skipped]
-    predictions_csv: Path
-    skipped_csv: Path
 
 
 @dataclass(frozen=True)
 class FolderListing:
-    images: list[str]      # relative paths of files with an image extension, sorted
-    not_images: list[str]  # other visible files
+    images: list[str]      # relative paths of regular files with an image extension, sorted
+    not_read: list[Skipped]  # other files, with the reason
 
 
 def list_folder(folder: Path, exclude: Path | None = None) -> FolderListing:
-    """Every visible file under `folder`, recursively and sorted, split by extension. `exclude` (the output
-    folder, when it lies inside) is not read, so a second run does not classify the first run's figures."""
-    extensions = image_extensions()
-    images, others = [], []
-    exclude = exclude.resolve() if exclude is not None else None
-    for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")
-                             and (exclude is None or Path(dirpath, d).resolve() != exclude))
-        for name in sorted(filenames):
-            if name.startswith("."):
-                continue
-            rel = Path(dirpath, name).relative_to(folder).as_posix()
-            (images if Path(name).suffix.lower() in extensions else others).append(rel)
-    return FolderListing(images=sorted(images), not_images=sorted(others))
+    """Every image file under `folder`, by the same rules as prepare. `exclude` (the output folder, when it
+    lies inside) is not read, so a second run does not classify the first run's figures."""
+    skips = Skips()
+    images = walk_images(folder, skips=skips, exclude=exclude)
+    return FolderListing(images=images, not_read=[Skipped(e["path"], e["reason"]) for e in skips.ignored])
 
 
 def decode_files(paths: list[Path], img_size: int, workers: int, progress: bool) -> list[Decoded]:
-    """Decode every file with the prepare stage's `decode_image`, in parallel worker processes when there are
-    enough files to pay for them. Workers fork (Linux) and run Pillow and numpy only, never torch."""
+    """Decode every file with the prepare stage's `decode_image` and its process-pool map."""
     decode = functools.partial(decode_image, img_size=img_size, policy=RESIZE_POLICY)
-    workers = min(resolve_workers(workers), max(1, len(paths) // 64))  # below 64 files a worker costs more
-    bar = functools.partial(tqdm, total=len(paths), desc="predict: decode", unit="img", disable=not progress)
-    if workers <= 1:
-        with bar() as progress_bar:
-            return [_counted(decode(path), progress_bar) for path in paths]
-    context = multiprocessing.get_context("fork") if sys.platform == "linux" else None
-    chunksize = max(1, min(32, len(paths) // (workers * 8)))
-    with ProcessPoolExecutor(workers, mp_context=context) as pool:
-        results = pool.map(decode, paths, chunksize=chunksize)  # forks the workers now, before tqdm's thread
-        with bar() as progress_bar:
-            return [_counted(result, progress_bar) for result in results]
-
-
-def _counted(result: Decoded, progress_bar: tqdm) -> Decoded:
-    progress_bar.update()
-    return result
+    workers = min(resolve_workers(workers), max(1, len(paths) // MIN_FILES_PER_WORKER))
+    return list(parallel_map(decode, paths, workers, "predict: decode", progress))
 
 
 def figure_names(files: list[str]) -> list[str]:
@@ -116,13 +93,14 @@ def figure_names(files: list[str]) -> list[str]:
     return names
 
 
-def _check_out_dir(out_dir: Path) -> None:
-    """predict replaces its --out folder as a whole; never do that to a folder that holds anything else."""
-    if out_dir.is_file():
-        raise UserError(f"--out {out_dir}: is a file. Give a folder for the predictions.")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / "predictions.csv").is_file():
-        raise UserError(f"--out {out_dir}: exists and holds files that are not a previous prediction. "
-                        f"predict replaces its --out folder; give a new or empty folder.")
+def _check_out_dir(out_dir: Path, images_dir: Path) -> None:
+    """predict replaces its --out folder as a whole: never the images, a folder above them, or a folder that
+    holds anything but an earlier prediction."""
+    out_real, images_real = Path(os.path.realpath(out_dir)), Path(os.path.realpath(images_dir))
+    if out_real == images_real or out_real in images_real.parents:
+        raise UserError(f"--out {out_dir}: is the --images folder or a folder above it, and predict replaces "
+                        f"its --out as a whole. Give a new folder, e.g. {images_dir / 'predictions'}.")
+    check_replaceable(out_real, PREDICT_FILES)
 
 
 def _write_csv(path: Path, header: list[str], rows: list[list]) -> None:
@@ -143,7 +121,7 @@ def predict_folder(model_path: Path | str, images_dir: Path | str, out_dir: Path
     if not 0 <= alpha <= 1:
         raise UserError(f"--alpha must be between 0 and 1, got {alpha}.")
     check_colormap(colormap)
-    _check_out_dir(out_dir)
+    _check_out_dir(out_dir, images_dir)
     trained = load_for_inference(model_path)
     classes = trained.classes
     if not 1 <= top_k <= len(classes):
@@ -155,7 +133,7 @@ def predict_folder(model_path: Path | str, images_dir: Path | str, out_dir: Path
                         f"{', '.join(sorted(image_extensions())[:8])}, ... in every sub-folder).")
     decoded = decode_files([images_dir / rel for rel in listing.images], trained.img_size, workers, progress)
     skipped = [Skipped(rel, d.error) for rel, d in zip(listing.images, decoded) if d.error is not None]
-    skipped += [Skipped(rel, "not an image file") for rel in listing.not_images]
+    skipped += listing.not_read
     kept = [i for i, d in enumerate(decoded) if d.error is None]
     if not kept:
         reasons = "; ".join(f"{s.file}: {s.reason}" for s in skipped[:3])
@@ -168,7 +146,7 @@ def predict_folder(model_path: Path | str, images_dir: Path | str, out_dir: Path
     names = figure_names(files) if figures else [None] * len(files)
     pixels = torch.from_numpy(np.stack([decoded[i].pixels for i in kept]))  # (N, 3, S, S) uint8
     predictions: list[Prediction] = []
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, PREDICT_FILES) as tmp:
         figure = PanelFigure(1, colormap, alpha) if figures else None
         bar = tqdm(total=len(files), desc="predict", unit="img", disable=not progress)
         for lo in range(0, len(files), batch_size):
@@ -192,5 +170,4 @@ def predict_folder(model_path: Path | str, images_dir: Path | str, out_dir: Path
     print(f"predict: {len(predictions)} images -> {out_dir / 'predictions.csv'}"
           + (f"; skipped {len(skipped)} files, listed in {out_dir / 'skipped.csv'}" if skipped else ""),
           file=sys.stderr)
-    return PredictResult(predictions=predictions, skipped=skipped, predictions_csv=out_dir / "predictions.csv",
-                         skipped_csv=out_dir / "skipped.csv")
+    return PredictResult(predictions=predictions, skipped=skipped)

@@ -21,9 +21,9 @@ from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
 from attention_cnn.atomic import atomic_dir
+from attention_cnn.data.discover import MASKS_DIR  # hidden, so prepare never takes it for a class
 
 CLASSES = ("buildings", "forest", "glacier", "mountain", "sea", "street")
-MASKS_DIR = ".masks"  # hidden, so prepare never takes it for a class
 
 
 @dataclass
