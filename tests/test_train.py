@@ -108,7 +108,7 @@ def test_training_learns_and_writes_model_metrics_and_checkpoint(reference):
     assert metrics["val"]["accuracy"] == result.history[-1].val_accuracy and metrics["images_per_s"] > 0
     # The model file alone is enough for prediction.
     loaded = load_model(out / "model.pt")
-    assert loaded.classes == CLASSES and loaded.img_size == IMG and loaded.params["attention"] == "conv"
+    assert loaded.classes == CLASSES and loaded.img_size == IMG and loaded.model.params.attention == "conv"
     assert loaded.model.std.flatten().min() > 0.1  # normalisation taken from the train split, not defaults
     assert (out / "checkpoint.pt").is_file() and not list(out.glob("*.tmp"))
 

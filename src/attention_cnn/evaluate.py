@@ -25,13 +25,16 @@ from attention_cnn.data.prepared import load_split
 from attention_cnn.faithfulness import ScoreFn, deletion_insertion, perturbation, pointing_game, pointing_tolerance
 from attention_cnn.maps import AttentionMap, GradCAM, RandomMap, SaliencyMap
 from attention_cnn.metrics import ClassificationReport, classification_report
-from attention_cnn.atomic import atomic_dir
+from attention_cnn.atomic import Owned, atomic_dir
 from attention_cnn.model import AttentionCNN, autocast
 from attention_cnn.params import Params
 from attention_cnn.visualize import (check_model_matches, draw_gallery, load_for_inference, model_device,
                                      prediction_label, spread_over_classes)
 
 GALLERY_SIZE = 24
+# What evaluate writes into --metrics-dir and --out; a folder holding anything else is refused, not replaced.
+METRICS_FILES = Owned(patterns=("metrics.json", "plots/*", "report.*"), sign="metrics.json")
+PLOT_FILES = Owned(patterns=("*.json", "*.png"), sign="confusion.json")
 
 
 @dataclass(frozen=True)
@@ -156,7 +159,7 @@ def evaluate(params: Params, prepared_dir: Path | str, model_path: Path | str, m
                                 cfg.faithfulness_steps, cfg.batch_size)
     metrics = {**report.as_metrics(), **quality_metrics(quality)}
 
-    with atomic_dir(metrics_dir) as metrics_tmp, atomic_dir(out_dir) as out_tmp:
+    with atomic_dir(metrics_dir, METRICS_FILES) as metrics_tmp, atomic_dir(out_dir, PLOT_FILES) as out_tmp:
         # dvcyaml=None: DVCLive must not rewrite dvc.yaml; save_dvc_exp=False: `dvc exp run` tracks the experiment.
         with Live(dir=str(metrics_tmp), dvcyaml=None, save_dvc_exp=False) as live:
             for name, value in metrics.items():

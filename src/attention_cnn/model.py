@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from attention_cnn.atomic import atomic_torch_save
 from attention_cnn.errors import UserError
-from attention_cnn.params import ModelParams
+from attention_cnn.params import ModelParams, ParamsError, parse_params
 
 # Training a weight with Adam in fp32 keeps 4 copies of it: the weight, its gradient, and Adam's two moments.
 TRAIN_BYTES_PER_WEIGHT = 16
@@ -304,10 +304,9 @@ MODEL_FORMAT = 1
 
 @dataclass
 class TrainedModel:
-    model: AttentionCNN   # in eval mode
+    model: AttentionCNN   # in eval mode; its params are model.params
     classes: list[str]
     img_size: int
-    params: dict          # model params (attention, channels, hidden, dropout)
 
 
 def save_model(path: Path | str, model: AttentionCNN, classes: list[str],
@@ -320,27 +319,48 @@ def save_model(path: Path | str, model: AttentionCNN, classes: list[str],
         "classes": list(classes),
         "img_size": model.img_size,
         "params": dataclasses.asdict(model.params),
-        "mean": state["mean"].detach().cpu().flatten().tolist(),  # also in state_dict; here for humans
-        "std": state["std"].detach().cpu().flatten().tolist(),
     }
     return atomic_torch_save(blob, path)
 
 
-def load_model(path: Path | str, map_location: torch.device | str = "cpu") -> TrainedModel:
-    """Load a model written by `save_model` (weights_only=True: a model file cannot run code)."""
-    path = Path(path)
+def _not_ours(path: Path, what: str) -> UserError:
+    return UserError(f"{path}: {what}. Re-run `dvc repro train` to write it again.")
+
+
+def _read_model_file(path: Path, map_location: torch.device | str) -> tuple[dict, ModelParams, int]:
+    """The blob of a model file, its model params and img_size, validated before anything is allocated."""
     if not path.is_file():
         raise UserError(f"{path}: model not found. Run `dvc repro train` first.")
-    blob = torch.load(path, map_location=map_location, weights_only=True)
+    try:
+        blob = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # truncated, empty, random bytes, or a pickle of foreign objects: torch raises
+        # RuntimeError, UnpicklingError, EOFError, ... and some of its messages suggest an unsafe load
+        raise _not_ours(path, f"not a readable model file ({type(exc).__name__}; truncated, damaged, or "
+                              "written by another program)") from exc
     if not isinstance(blob, dict) or blob.get("format") != MODEL_FORMAT:
-        raise UserError(f"{path}: not a model written by this version of attention_cnn. Re-run `dvc repro train`.")
-    params = ModelParams(**blob["params"])
-    model = AttentionCNN(len(blob["classes"]), blob["img_size"], params, device=map_location, training=False)
+        raise _not_ours(path, "not a model written by this version of attention_cnn")
+    classes = blob.get("classes")
+    if not (isinstance(classes, list) and len(classes) >= 2 and all(isinstance(c, str) for c in classes)):
+        raise _not_ours(path, f"its stored 'classes' must be a list of at least two names, got {classes!r}")
+    if not isinstance(blob.get("state_dict"), dict):
+        raise _not_ours(path, "it holds no weights ('state_dict')")
+    try:  # the same schema as params.yaml, so a wrong type or an absurd size is refused before allocation
+        checked = parse_params({"img_size": blob.get("img_size"), "model": blob.get("params")})
+    except ParamsError as exc:
+        problem = str(exc).removeprefix("params.yaml: ").split(". Fix it in params.yaml")[0].rstrip(".")
+        raise _not_ours(path, f"its stored params are not valid ({problem})") from exc
+    return blob, checked.model, checked.img_size
+
+
+def load_model(path: Path | str, map_location: torch.device | str = "cpu") -> TrainedModel:
+    """Load a model written by `save_model` (weights_only=True: a model file cannot run code). Any file that is
+    not one gives a UserError naming it."""
+    path = Path(path)
+    blob, params, img_size = _read_model_file(path, map_location)
+    model = AttentionCNN(len(blob["classes"]), img_size, params, device=map_location, training=False)
     try:
         model.load_state_dict(blob["state_dict"])
     except RuntimeError as exc:  # weights of another architecture under the same format number
-        raise UserError(f"{path}: its weights do not fit this version's model ({exc}). "
-                        "Re-run `dvc repro train`.") from exc
+        raise _not_ours(path, "its weights do not fit this version's model") from exc
     model.to(map_location).eval()
-    return TrainedModel(model=model, classes=list(blob["classes"]), img_size=blob["img_size"],
-                        params=dict(blob["params"]))
+    return TrainedModel(model=model, classes=list(blob["classes"]), img_size=img_size)

@@ -28,6 +28,7 @@ from attention_cnn.atomic import Owned, atomic_dir, check_replaceable
 from attention_cnn.data.decode import Decoded, decode_image, parallel_map, resolve_workers
 from attention_cnn.data.discover import Skips, image_extensions, walk_images
 from attention_cnn.errors import UserError
+from attention_cnn.model import TrainedModel
 from attention_cnn.params import VisualizeParams
 from attention_cnn.visualize import (PanelFigure, check_colormap, compute_panels, load_for_inference,
                                      prediction_label, safe_name)
@@ -50,7 +51,6 @@ class Prediction:
     predicted_class: str
     confidence: float
     top_k: list[tuple[str, float]]  # most probable first
-    figure: str | None        # file name of its figure in the out folder
 
 
 @dataclass(frozen=True)
@@ -110,6 +110,55 @@ def _write_csv(path: Path, header: list[str], rows: list[list]) -> None:
         writer.writerows(rows)
 
 
+@dataclass(frozen=True)
+class _Inputs:
+    files: list[str]       # relative to the images folder, decoded
+    pixels: torch.Tensor   # (N, 3, S, S) uint8
+    skipped: list[Skipped]
+
+
+def _read_images(images_dir: Path, out_dir: Path, img_size: int, workers: int, progress: bool) -> _Inputs:
+    listing = list_folder(images_dir, exclude=out_dir)
+    if not listing.images:
+        raise UserError(f"--images {images_dir}: holds no image files (looked for "
+                        f"{', '.join(sorted(image_extensions())[:8])}, ... in every sub-folder).")
+    decoded = decode_files([images_dir / rel for rel in listing.images], img_size, workers, progress)
+    skipped = [Skipped(rel, d.error) for rel, d in zip(listing.images, decoded) if d.error is not None]
+    skipped += listing.not_read
+    kept = [i for i, d in enumerate(decoded) if d.error is None]
+    if not kept:
+        reasons = "; ".join(f"{s.file}: {s.reason}" for s in skipped[:3])
+        raise UserError(f"--images {images_dir}: none of its {len(listing.images)} image files could be decoded "
+                        f"({reasons}{' ...' if len(skipped) > 3 else ''}).")
+    for s in skipped:
+        print(f"predict: skipped {images_dir / s.file}: {s.reason}", file=sys.stderr)
+    return _Inputs(files=[listing.images[i] for i in kept], skipped=skipped,
+                   pixels=torch.from_numpy(np.stack([decoded[i].pixels for i in kept])))
+
+
+def _classify(trained: TrainedModel, inputs: _Inputs, tmp: Path, top_k: int, batch_size: int,
+              figure: PanelFigure | None, progress: bool) -> list[Prediction]:
+    """Predict every input in batches; with `figure`, save each one's figure into `tmp`."""
+    classes, files = trained.classes, inputs.files
+    names = figure_names(files) if figure is not None else []
+    predictions = []
+    with tqdm(total=len(files), desc="predict", unit="img", disable=not progress) as bar:
+        for lo in range(0, len(files), batch_size):
+            panels = compute_panels(trained.model, inputs.pixels[lo:lo + batch_size], batch_size)
+            top_p, top_i = panels.probs.topk(top_k, dim=1)                # (b, k)
+            for j in range(panels.probs.shape[0]):
+                n = lo + j
+                predicted, confidence = int(panels.predictions[j]), float(panels.confidence[j])
+                if figure is not None:
+                    figure.draw_row(0, panels, j, "")
+                    figure.save(tmp / names[n], title=f"{files[n]}\n{prediction_label(classes, predicted, confidence)}")
+                predictions.append(Prediction(
+                    file=files[n], predicted_class=classes[predicted], confidence=confidence,
+                    top_k=[(classes[int(i)], float(p)) for p, i in zip(top_p[j], top_i[j])]))
+                bar.update()
+    return predictions
+
+
 def predict_folder(model_path: Path | str, images_dir: Path | str, out_dir: Path | str, top_k: int = 3,
                    batch_size: int = 256, figures: bool = True, colormap: str = VisualizeParams.colormap,
                    alpha: float = VisualizeParams.alpha, workers: int = 0, progress: bool = True) -> PredictResult:
@@ -123,51 +172,17 @@ def predict_folder(model_path: Path | str, images_dir: Path | str, out_dir: Path
     check_colormap(colormap)
     _check_out_dir(out_dir, images_dir)
     trained = load_for_inference(model_path)
-    classes = trained.classes
-    if not 1 <= top_k <= len(classes):
-        raise UserError(f"--top-k must be between 1 and the model's {len(classes)} classes, got {top_k}.")
-
-    listing = list_folder(images_dir, exclude=out_dir)
-    if not listing.images:
-        raise UserError(f"--images {images_dir}: holds no image files (looked for "
-                        f"{', '.join(sorted(image_extensions())[:8])}, ... in every sub-folder).")
-    decoded = decode_files([images_dir / rel for rel in listing.images], trained.img_size, workers, progress)
-    skipped = [Skipped(rel, d.error) for rel, d in zip(listing.images, decoded) if d.error is not None]
-    skipped += listing.not_read
-    kept = [i for i, d in enumerate(decoded) if d.error is None]
-    if not kept:
-        reasons = "; ".join(f"{s.file}: {s.reason}" for s in skipped[:3])
-        raise UserError(f"--images {images_dir}: none of its {len(listing.images)} image files could be decoded "
-                        f"({reasons}{' ...' if len(skipped) > 3 else ''}).")
-    for s in skipped:
-        print(f"predict: skipped {images_dir / s.file}: {s.reason}", file=sys.stderr)
-
-    files = [listing.images[i] for i in kept]
-    names = figure_names(files) if figures else [None] * len(files)
-    pixels = torch.from_numpy(np.stack([decoded[i].pixels for i in kept]))  # (N, 3, S, S) uint8
-    predictions: list[Prediction] = []
+    if not 1 <= top_k <= len(trained.classes):
+        raise UserError(f"--top-k must be between 1 and the model's {len(trained.classes)} classes, got {top_k}.")
+    inputs = _read_images(images_dir, out_dir, trained.img_size, workers, progress)
     with atomic_dir(out_dir, PREDICT_FILES) as tmp:
         figure = PanelFigure(1, colormap, alpha) if figures else None
-        bar = tqdm(total=len(files), desc="predict", unit="img", disable=not progress)
-        for lo in range(0, len(files), batch_size):
-            panels = compute_panels(trained.model, pixels[lo:lo + batch_size], batch_size)
-            top_p, top_i = panels.probs.topk(top_k, dim=1)                # (b, k)
-            for j in range(panels.probs.shape[0]):
-                n = lo + j
-                predicted, confidence = int(panels.predictions[j]), float(panels.confidence[j])
-                if figure is not None:
-                    figure.draw_row(0, panels, j, "")
-                    figure.save(tmp / names[n], title=f"{files[n]}\n{prediction_label(classes, predicted, confidence)}")
-                predictions.append(Prediction(
-                    file=files[n], predicted_class=classes[predicted], confidence=confidence,
-                    top_k=[(classes[int(i)], float(p)) for p, i in zip(top_p[j], top_i[j])], figure=names[n]))
-                bar.update()
-        bar.close()
-        _write_csv(tmp / "skipped.csv", ["file", "reason"], [[s.file, s.reason] for s in skipped])
+        predictions = _classify(trained, inputs, tmp, top_k, batch_size, figure, progress)
+        _write_csv(tmp / "skipped.csv", ["file", "reason"], [[s.file, s.reason] for s in inputs.skipped])
         _write_csv(tmp / "predictions.csv", ["file", "predicted_class", "confidence", "top_k"],
                    [[p.file, p.predicted_class, f"{p.confidence:.4f}",
                      ";".join(f"{name}:{prob:.4f}" for name, prob in p.top_k)] for p in predictions])
     print(f"predict: {len(predictions)} images -> {out_dir / 'predictions.csv'}"
-          + (f"; skipped {len(skipped)} files, listed in {out_dir / 'skipped.csv'}" if skipped else ""),
+          + (f"; skipped {len(inputs.skipped)} files, listed in {out_dir / 'skipped.csv'}" if inputs.skipped else ""),
           file=sys.stderr)
-    return PredictResult(predictions=predictions, skipped=skipped)
+    return PredictResult(predictions=predictions, skipped=inputs.skipped)

@@ -28,7 +28,7 @@ from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Colormap, Normalize
 from matplotlib.figure import Figure
 
-from attention_cnn.atomic import atomic_dir
+from attention_cnn.atomic import Owned, atomic_dir
 from attention_cnn.data.prepared import PreparedSplit, load_split
 from attention_cnn.errors import UserError
 from attention_cnn.maps import scale_unit, upsample
@@ -38,6 +38,8 @@ from attention_cnn.params import Params
 PANEL_TITLES = ("input", "before (max over channels)", "attention mask (scaled)", "after (max over channels)")
 PANEL_INCHES = 1.7
 DPI = 90
+# What visualize writes into --out (NN_<name>.png, grid_<class>.png); a folder holding anything else is refused.
+FIGURE_FILES = Owned(patterns=("[0-9][0-9]*_*.png", "grid_*.png"))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -265,7 +267,7 @@ def visualize(params: Params, prepared_dir: Path | str, model_path: Path | str, 
                                 int(test.labels[index]))
 
     image_names, grid_names = [], []
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, FIGURE_FILES) as tmp:
         single = PanelFigure(1, vis.colormap, vis.alpha)
         for n, index in enumerate(chosen, start=1):
             name = f"{n:02d}_{safe_name(Path(test.files[index]).stem)}.png"

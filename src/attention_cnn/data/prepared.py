@@ -23,6 +23,7 @@ from attention_cnn.atomic import atomic_torch_save
 from attention_cnn.errors import UserError
 
 SPLITS = ("train", "val", "test")
+_KEYS = {"images", "labels", "masks", "files", "classes"}
 
 
 @dataclass
@@ -56,6 +57,13 @@ def load_split(prepared_dir: Path | str, split: str) -> PreparedSplit:
     path = split_path(prepared_dir, split)
     if not path.is_file():
         raise UserError(f"{path}: prepared split not found. Run `dvc repro prepare` first.")
-    blob = torch.load(path, weights_only=True, mmap=True)
+    try:
+        blob = torch.load(path, weights_only=True, mmap=True)
+    except Exception as exc:  # truncated, empty or foreign: torch raises RuntimeError, UnpicklingError, ...
+        raise UserError(f"{path}: not a readable prepared split ({type(exc).__name__}; truncated, damaged, or "
+                        "written by another program). Re-run `dvc repro prepare` to write it again.") from exc
+    if not isinstance(blob, dict) or not _KEYS <= set(blob):
+        raise UserError(f"{path}: not a prepared split written by this version of attention_cnn. Re-run "
+                        "`dvc repro prepare` to write it again.")
     return PreparedSplit(images=blob["images"], labels=blob["labels"], masks=blob["masks"],
                          files=list(blob["files"]), classes=list(blob["classes"]))
