@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -332,7 +333,9 @@ def _read_model_file(path: Path, map_location: torch.device | str) -> tuple[dict
     if not path.is_file():
         raise UserError(f"{path}: model not found. Run `dvc repro train` first.")
     try:
-        blob = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # a foreign pickle also warns about its protocol: one line is enough
+            warnings.simplefilter("ignore")
+            blob = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # truncated, empty, random bytes, or a pickle of foreign objects: torch raises
         # RuntimeError, UnpicklingError, EOFError, ... and some of its messages suggest an unsafe load
         raise _not_ours(path, f"not a readable model file ({type(exc).__name__}; truncated, damaged, or "

@@ -128,16 +128,19 @@ class _Unreadable(Exception):
     """A file that must not be read whole: not a regular file, or over MAX_FILE_BYTES."""
 
 
-def read_bounded(path: Path | str, limit: int = MAX_FILE_BYTES) -> bytes:
-    """The bytes of a regular file of at most `limit` bytes. Opened non-blocking and checked with fstat before
+def read_bounded(path: Path | str) -> bytes:
+    """The bytes of a regular file of at most MAX_FILE_BYTES. Opened non-blocking and checked with fstat before
     reading, so a FIFO or device named like an image never hangs or floods the reader."""
+    limit = MAX_FILE_BYTES
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     with open(fd, "rb", closefd=True) as f:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
             raise _Unreadable("not a regular file (a FIFO, socket or device): not read")
-        data = f.read(limit + 1)
-    if len(data) > limit:
-        raise _Unreadable(f"larger than {limit // 2**20} MiB (MAX_FILE_BYTES): not read")
+        data = f.read(limit + 1) if info.st_size <= limit else b""
+    if info.st_size > limit or len(data) > limit:  # the second: a file that grew while read
+        raise _Unreadable(f"{max(info.st_size, len(data)) / 2**20:.0f} MiB, larger than MAX_FILE_BYTES "
+                          f"({limit // 2**20} MiB): not read")
     return data
 
 
