@@ -11,6 +11,7 @@ import json
 import os
 import pickle
 import re
+import runpy
 import shutil
 import subprocess
 import sys
@@ -249,10 +250,22 @@ def stage_repo(tmp_path: Path, source: Path, **data) -> Path:
     return repo
 
 
-def run_prepare(repo: Path, **kwargs) -> subprocess.CompletedProcess:
+def run_prepare(repo: Path) -> subprocess.CompletedProcess:
+    """The stage script in its own process: a hang is cut by the timeout instead of stalling the suite."""
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
     return subprocess.run([sys.executable, "stages/prepare.py"], cwd=repo, capture_output=True, text=True,
-                          timeout=120, env=env, **kwargs)
+                          timeout=120, env=env)
+
+
+def run_prepare_here(repo: Path, monkeypatch, capsys) -> tuple[int, str]:
+    """The stage script in this process (no second torch import); returns its exit code and stdout."""
+    monkeypatch.chdir(repo)
+    try:
+        runpy.run_path("stages/prepare.py", run_name="__main__")
+        code = 0
+    except SystemExit as exit_info:
+        code = exit_info.code
+    return code, capsys.readouterr().out
 
 
 def classes(root: Path, per_class: int = 5, names=("forest", "sea")) -> Path:
@@ -262,7 +275,7 @@ def classes(root: Path, per_class: int = 5, names=("forest", "sea")) -> Path:
     return root
 
 
-def test_symlinks_back_into_the_source_are_skipped_and_outside_ones_followed(tmp_path):
+def test_symlinks_back_into_the_source_are_skipped_and_outside_ones_followed(tmp_path, monkeypatch, capsys):
     src = classes(tmp_path / "src")
     (src / "forest" / "loop").symlink_to("..", target_is_directory=True)       # the source itself
     (src / "sea" / "self").symlink_to(".", target_is_directory=True)           # its own class folder
@@ -270,8 +283,8 @@ def test_symlinks_back_into_the_source_are_skipped_and_outside_ones_followed(tmp
     outside = classes(tmp_path / "elsewhere", per_class=2, names=("more",))
     (src / "forest" / "linked").symlink_to(outside / "more", target_is_directory=True)
     repo = stage_repo(tmp_path, src)
-    done = run_prepare(repo)
-    assert done.returncode == 0, done.stderr
+    code, stdout = run_prepare_here(repo, monkeypatch, capsys)
+    assert code == 0
     report = json.loads((repo / "data/prepared/report.json").read_text())
     assert report["kept"] == 12  # 5 + 5, plus the 2 linked from outside: nothing read twice
     ignored = {entry["path"]: entry["reason"] for entry in report["ignored"]}
@@ -281,7 +294,7 @@ def test_symlinks_back_into_the_source_are_skipped_and_outside_ones_followed(tmp
              for f in torch.load(repo / f"data/prepared/{split}.pt", weights_only=True)["files"]]
     assert sorted(files) == sorted([f"forest/{i}.png" for i in range(5)] + [f"sea/{i}.png" for i in range(5)]
                                    + ["forest/linked/0.png", "forest/linked/1.png"])
-    assert "ignored forest/loop/: symlink to" in done.stdout  # on the console too
+    assert "ignored forest/loop/: symlink to" in stdout  # on the console too
 
 
 def test_fifos_devices_and_huge_files_are_not_read(tmp_path, monkeypatch):
@@ -316,7 +329,7 @@ def test_predict_skips_a_fifo_and_a_loop(workspace, tmp_path, capsys):
     assert len((tmp_path / "out/predictions.csv").read_text().splitlines()) == 3
 
 
-def test_a_100_megapixel_photo_is_accepted_and_250_is_refused(tmp_path):
+def test_a_100_megapixel_photo_is_accepted_and_250_is_refused(tmp_path, monkeypatch, capsys):
     src = classes(tmp_path / "src")
     Image.new("L", (10_000, 10_000), 200).save(src / "forest" / "big.jpg", quality=50)  # ~1 MB on disk
     header = bytearray((src / "forest" / "0.png").read_bytes())  # a PNG header claiming 250 MP
@@ -324,23 +337,22 @@ def test_a_100_megapixel_photo_is_accepted_and_250_is_refused(tmp_path):
     header[29:33] = zlib.crc32(bytes(header[12:29])).to_bytes(4, "big")
     (src / "sea" / "bomb.png").write_bytes(bytes(header))
     repo = stage_repo(tmp_path, src)
-    done = run_prepare(repo)
-    assert done.returncode == 0, done.stderr
+    assert run_prepare_here(repo, monkeypatch, capsys)[0] == 0
     report = json.loads((repo / "data/prepared/report.json").read_text())
     assert report["kept"] == 11
     skipped = {entry["path"]: entry["reason"] for entry in report["skipped"]}
     assert list(skipped) == ["sea/bomb.png"] and "decompression-bomb" in skipped["sea/bomb.png"]
 
 
-def test_prepare_prints_the_first_ten_files_it_did_not_use(tmp_path):
+def test_prepare_prints_the_first_ten_files_it_did_not_use(tmp_path, monkeypatch, capsys):
     src = classes(tmp_path / "src")
     for i in range(8):
         (src / "sea" / f"broken {i}.jpg").write_bytes(b"not a jpeg")
     for i in range(5):
         (src / "forest" / f"notes {i}.txt").write_text("x")
-    done = run_prepare(stage_repo(tmp_path, src))
-    assert done.returncode == 0, done.stderr
-    lines = done.stdout.splitlines()
+    code, stdout = run_prepare_here(stage_repo(tmp_path, src), monkeypatch, capsys)
+    assert code == 0
+    lines = stdout.splitlines()
     assert lines[0].startswith("prepare: 10 images") and len(lines) == 12
     assert lines[1].startswith("  skipped sea/broken 0.jpg: not an image Pillow can identify")
     assert lines[9] == "  ignored forest/notes 0.txt: not an image file"
@@ -360,10 +372,10 @@ runpy.run_path("stages/prepare.py", run_name="__main__")
 
 
 @pytest.mark.parametrize("limit", [3000, 8000])  # torch.save of train.pt fails / Pillow's preview_train.png fails
-def test_out_of_space_is_one_line_and_keeps_the_previous_outputs(tmp_path, limit):
+def test_out_of_space_is_one_line_and_keeps_the_previous_outputs(tmp_path, monkeypatch, capsys, limit):
     """RLIMIT_FSIZE makes every write past `limit` bytes fail as a full disk does, without root or a mount."""
     repo = stage_repo(tmp_path, classes(tmp_path / "src"))
-    assert run_prepare(repo).returncode == 0
+    assert run_prepare_here(repo, monkeypatch, capsys)[0] == 0
     before = snapshot(repo / "data/prepared")
     sizes = {name: len(data) for name, data in before.items()}
     assert sizes["train.pt"] < 8000 < sizes["preview_train.png"]  # so each limit fails where it says
