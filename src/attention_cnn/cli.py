@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "predictions.csv, skipped.csv and one input|before|mask|after figure per image into --out.")
     predict.add_argument("--model", default="models/model.pt", help="trained model file (default: %(default)s)")
     predict.add_argument("--images", required=True, help="folder of images, searched recursively")
-    predict.add_argument("--out", required=True, help="output folder (replaced as a whole; created if missing)")
+    predict.add_argument("--out", required=True, help="output folder, replaced as a whole (refused when it holds "
+                                                      "other files, or is --images or above it)")
     predict.add_argument("--top-k", type=int, default=3, help="classes listed per image (default: %(default)s)")
     predict.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default: %(default)s)")
     predict.add_argument("--no-figures", action="store_true", help="write the CSV files only (much faster)")
@@ -70,10 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--prepared", default="data/prepared", help="prepared splits (default: %(default)s)")
         sub.add_argument("--model", default="models/model.pt", help="trained model (default: %(default)s)")
         if name == "evaluate":
-            sub.add_argument("--metrics-dir", default="metrics/evaluate", help="DVCLive folder (default: %(default)s)")
-            sub.add_argument("--out", default="output/evaluate", help="plots folder (default: %(default)s)")
+            sub.add_argument("--metrics-dir", default="metrics/evaluate", help="DVCLive folder, replaced as a whole (default: %(default)s)")
+            sub.add_argument("--out", default="output/evaluate", help="plots folder, replaced as a whole (default: %(default)s)")
         else:
-            sub.add_argument("--out", default="output/visualize", help="figures folder (default: %(default)s)")
+            sub.add_argument("--out", default="output/visualize", help="figures folder, replaced as a whole (default: %(default)s)")
         sub.set_defaults(run=run)
     return parser
 
