@@ -71,10 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--prepared", default="data/prepared", help="prepared splits (default: %(default)s)")
         sub.add_argument("--model", default="models/model.pt", help="trained model (default: %(default)s)")
         if name == "evaluate":
-            sub.add_argument("--metrics-dir", default="metrics/evaluate", help="DVCLive folder, replaced as a whole (default: %(default)s)")
-            sub.add_argument("--out", default="output/evaluate", help="plots folder, replaced as a whole (default: %(default)s)")
+            sub.add_argument("--metrics-dir", default="metrics/evaluate",
+                             help="DVCLive folder, replaced as a whole (default: %(default)s)")
+            sub.add_argument("--out", default="output/evaluate",
+                             help="plots folder, replaced as a whole (default: %(default)s)")
         else:
-            sub.add_argument("--out", default="output/visualize", help="figures folder, replaced as a whole (default: %(default)s)")
+            sub.add_argument("--out", default="output/visualize",
+                             help="figures folder, replaced as a whole (default: %(default)s)")
         sub.set_defaults(run=run)
     return parser
 

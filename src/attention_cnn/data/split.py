@@ -70,7 +70,8 @@ def _draw_class(found: Discovery, label: int, pool: str, members: list[int], fra
     where = class_dir(found, label, pool or None)
     if n_val < 1 or n_train < 1 or (pool == "" and n_test < 1):
         given = (f"data.val_fraction {fractions.val} and data.test_fraction {fractions.test} give "
-                 f"{n_val} val, {n_test} test" if pool == "" else f"data.val_fraction {fractions.val} gives {n_val} val")
+                 f"{n_val} val, {n_test} test" if pool == "" else
+                 f"data.val_fraction {fractions.val} gives {n_val} val")
         raise UserError(f"data.source: class '{name}' has {n} readable image(s) in {where}; {given} and {n_train} "
                         f"train, but every split needs at least one image of every class. Add images to the class "
                         f"or change data.val_fraction / data.test_fraction in params.yaml.")
