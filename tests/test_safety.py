@@ -26,9 +26,11 @@ import yaml
 from PIL import Image
 
 from attention_cnn.cli import main
+from attention_cnn.data.prepare import prepare
 from attention_cnn.data.prepared import PreparedSplit, save_split
+from attention_cnn.errors import UserError
 from attention_cnn.model import AttentionCNN, save_model
-from attention_cnn.params import ModelParams
+from attention_cnn.params import ModelParams, parse_params
 
 PROGRESS_BAR = re.compile(r"\| *\d+/\d+ \[")  # tqdm: "| 3/12 [00:01<00:02, ...]"
 REPO = Path(__file__).resolve().parents[1]
@@ -387,3 +389,36 @@ def test_out_of_space_is_one_line_and_keeps_the_previous_outputs(tmp_path, monke
     assert_one_line_error(done.stderr, "data/prepared", "no space left", "intact")
     assert snapshot(repo / "data/prepared") == before
     assert sorted(p.name for p in (repo / "data").iterdir()) == ["prepared"]
+
+
+def _can_mount_tmpfs(where: Path) -> bool:
+    where.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(where)], capture_output=True)
+    return done.returncode == 0
+
+
+def test_a_full_disk_is_one_line_and_keeps_the_previous_outputs(workspace, tmp_path, capsys):
+    """A real full file system (a 64 KiB tmpfs, so this needs root): predict's figures do not fit."""
+    disk = tmp_path / "disk"
+    if not _can_mount_tmpfs(disk):
+        pytest.skip("mounting a tmpfs needs root; test_out_of_space_* covers the same path with RLIMIT_FSIZE")
+    try:
+        argv = ["predict", "--model", workspace / "models/model.pt", "--images", workspace / "images",
+                "--out", disk / "out", "--workers", "1"]
+        code, err = run_cli(capsys, *argv, "--no-figures")
+        assert code == 0, err
+        before = snapshot(disk / "out")
+        code, err = run_cli(capsys, *argv)  # three figures do not fit in 64 KiB
+        assert code == 2
+        assert_one_line_error(err, str(disk / "out"), "no space left", "intact")
+        assert snapshot(disk / "out") == before
+        assert sorted(p.name for p in disk.iterdir()) == ["out"]
+
+        # torch.save's writer loses the errno (a RuntimeError): prepare still says what happened
+        src = classes(tmp_path / "src", per_class=10)
+        with pytest.raises(UserError, match=r"prepared: no space left to write it .* is intact"):
+            prepare(parse_params({"img_size": 64, "data": {"source": str(src), "workers": 1}}),
+                    out_dir=disk / "prepared", progress=False)
+        assert sorted(p.name for p in disk.iterdir()) == ["out"]
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
