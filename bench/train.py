@@ -119,7 +119,7 @@ def run_ours(prepared: Path, out: Path, args, params_overrides: dict) -> dict:
     params = parse_params(raw)
     # No metrics folder: DVCLive writes once per epoch, outside the timed part, and leaving it out lets this
     # script run where only torch is installed (the GPU image of bench/gpu_check.sh has no dvclive).
-    result = train(params, prepared, out / "model.pt", out / "checkpoint.pt", metrics_dir=None, progress=True)
+    result = train(params, prepared, out / "model.pt", out / "checkpoints", metrics_dir=None, progress=True)
     rates = [r.images_per_s for r in result.history[1:]] or [result.history[0].images_per_s]
     return {"images_per_s": statistics.median(rates), "params": params}
 
