@@ -33,9 +33,9 @@ from attention_cnn import model as model_module
 from attention_cnn.checkpoint import (CHECKPOINT_FORMAT, checkpoint_path, fingerprint, read_checkpoint,
                                       remove_checkpoint, rng_state, save_checkpoint, set_rng_state)
 from attention_cnn.data.prepared import PreparedSplit, load_split
-from attention_cnn.epoch import draw_augmentation, train_epoch, validation_totals
 from attention_cnn.distributed import (Dist, all_reduce_sum, broadcast_buffers, gather_objects, kernel_settings,
                                        setup_distributed, shut_down, wrap_for_steps)
+from attention_cnn.epoch import draw_augmentation, train_epoch, validation_totals
 from attention_cnn.errors import UserError
 from attention_cnn.memory import check_model_fits
 from attention_cnn.model import AttentionCNN, save_model
@@ -181,9 +181,8 @@ def make_scheduler(optimizer: torch.optim.Optimizer, schedule: str, epochs: int)
 # The run
 
 # The code whose change must not resume a checkpoint: everything that decides the weights.
-_TRAINING_CODE = tuple(Path(m.__file__) for m in (model_module, epoch_module, distributed_module,
-                                                            checkpoint_module)) + (
-    Path(__file__),)
+_TRAINING_CODE = [Path(__file__)] + [Path(m.__file__) for m in (model_module, epoch_module, distributed_module,
+                                                                checkpoint_module)]
 
 
 def train(params: Params, prepared_dir: Path | str = "data/prepared", model_path: Path | str = "models/model.pt",
