@@ -283,21 +283,46 @@ def test_nproc_without_torchrun_is_a_user_error(prepared, tmp_path):
         run(prepared, tmp_path, p=params(nproc=2))
 
 
-def test_ddp_two_cpu_processes_train_through_the_stage_script(prepared, tmp_path):
-    """`python stages/train.py` with train.nproc=2 relaunches itself under torchrun (gloo); rank 0 writes."""
+# A DDP run killed after its first epoch: every rank raises at the same point, after the checkpoint is written.
+KILLED_DDP_RUN = """
+import sys
+from attention_cnn.params import load_params
+from attention_cnn.train import train
+
+def kill_after_epoch_1(result):
+    if result.epoch == 1:
+        sys.exit(3)
+
+train(load_params(), "data/prepared", "models/model.pt", "models/.checkpoints", None, progress=False,
+      on_epoch_end=kill_after_epoch_1)
+"""
+
+
+def test_ddp_two_cpu_processes_resume_a_killed_run_through_the_stage_script(prepared, tmp_path):
+    """`python stages/train.py` with train.nproc=2 relaunches itself under torchrun (gloo); rank 0 writes.
+    After a kill, it resumes from the checkpoint, which holds every rank's RNG."""
     raw = json.loads(json.dumps(RAW))
     raw["train"].update(epochs=2, nproc=2)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     (tmp_path / "data").mkdir()
     os.symlink(prepared, tmp_path / "data" / "prepared")
-    proc = subprocess.run([sys.executable, str(REPO / "stages" / "train.py")], cwd=tmp_path,
+    (tmp_path / "killed.py").write_text(KILLED_DDP_RUN)
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}  # as dvc.yaml's cmd: this checkout's code
+    killed = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "killed.py"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert killed.returncode != 0 and "epoch 1/2:" in killed.stdout, killed.stdout[-2000:] + killed.stderr[-3000:]
+    [saved] = (tmp_path / "models" / ".checkpoints").iterdir()
+    assert len(torch.load(saved, weights_only=True)["rng"]) == 2  # every rank's RNG, for resume
+
+    proc = subprocess.run([sys.executable, str(REPO / "stages" / "train.py")], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "running under torchrun" in proc.stdout
+    assert "resuming after epoch 1 of 2" in proc.stdout
     assert proc.stdout.count("epoch 2/2:") == 1  # only rank 0 reports
     loaded = load_model(tmp_path / "models" / "model.pt")
     assert loaded.classes == CLASSES
     assert not (tmp_path / "models" / ".checkpoints").exists()  # rank 0 removed it once the model was written
     val_accuracy = tmp_path / "metrics" / "train" / "plots" / "metrics" / "val" / "accuracy.tsv"
-    assert len(val_accuracy.read_text().splitlines()) == 1 + 2
+    assert len(val_accuracy.read_text().splitlines()) == 1 + 2  # the replayed epoch and the new one
     assert json.loads((tmp_path / "metrics" / "train" / "metrics.json").read_text())["step"] == 1
