@@ -1,17 +1,17 @@
 #!/usr/bin/env bash
-# Every GPU check of the project in one command, for a session lent a GPU (the `device` tool):
+# Every GPU check of the project in one command, for anyone with a CUDA GPU:
 #
-#     bash bench/gpu_check.sh            # about 6 minutes on an H100 or H200; give it timeout_s=540
+#     bash bench/gpu_check.sh                      # the machine's python3
+#     PYTHON=.venv/bin/python bash bench/gpu_check.sh
 #
-# It needs no install and no network: the GPU image's own python3 already has torch, torchvision, Pillow,
-# numpy, tqdm, PyYAML, matplotlib and pytest, so the repo's src/ goes on PYTHONPATH instead of `pip install`
-# (dvc and dvclive are not there; nothing below needs them). Logs go to $OUT (the device tool's folder that
-# comes back) or to a temporary folder, one file per step:
+# It installs nothing and needs no network. The repo's src/ goes on PYTHONPATH instead of `pip install`, so a
+# python with torch, torchvision, Pillow, numpy, tqdm, PyYAML, matplotlib and pytest is enough (dvc and dvclive
+# are not needed). Logs go to $OUT when it is set, else to a temporary folder, one file per step:
 #   env.txt     the GPU, driver, torch and Python versions
 #   tests.txt   the CUDA tests (bf16 + channels_last inside a real step, eager and compiled training, the dense
 #               guard on GPU memory) and the CPU tests of the same paths
-#   bench.txt   bench/train.py at 150 px, batch 512: our loop eager and compiled (the issue 4 targets:
-#               >= 15,000 images/s on an H200, >= 12,000 on an H100), the seed-equivalent loop, matmul peaks
+#   bench.txt   bench/train.py at 150 px, batch 512: our loop eager and compiled, the seed-equivalent loop,
+#               and the GPU's matmul peaks (compare with BENCHMARKS.md)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-$(mktemp -d)}

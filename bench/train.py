@@ -41,6 +41,7 @@ from torchvision import transforms
 
 from attention_cnn.data.prepared import PreparedSplit, save_split
 from attention_cnn.errors import UserError
+from attention_cnn.memory import check_model_fits
 from attention_cnn.model import AttentionCNN
 from attention_cnn.params import ModelParams, TrainParams, parse_params
 from attention_cnn.train import train
@@ -119,7 +120,7 @@ def run_ours(prepared: Path, out: Path, args, params_overrides: dict) -> dict:
     params = parse_params(raw)
     # No metrics folder: DVCLive writes once per epoch, outside the timed part, and leaving it out lets this
     # script run where only torch is installed (the GPU image of bench/gpu_check.sh has no dvclive).
-    result = train(params, prepared, out / "model.pt", out / "checkpoint.pt", metrics_dir=None, progress=True)
+    result = train(params, prepared, out / "model.pt", out / "checkpoints", metrics_dir=None, progress=True)
     rates = [r.images_per_s for r in result.history[1:]] or [result.history[0].images_per_s]
     return {"images_per_s": statistics.median(rates), "params": params}
 
@@ -143,12 +144,13 @@ class JpegFolder(Dataset):
 def run_seed(items: list[tuple[Path, int]], classes: int, args) -> dict:
     device = torch.device("cuda" if args.device == "cuda" else "cpu")
     torch.manual_seed(0)
+    seed_params = ModelParams(attention="dense", channels=SEED_CHANNELS)
     try:
-        with torch.device(device):
-            model = AttentionCNN(classes, args.img_size, ModelParams(attention="dense", channels=SEED_CHANNELS),
-                                 device=device, batch_size=SEED_BATCH)
+        check_model_fits(seed_params, args.img_size, device, batch_size=SEED_BATCH)
     except UserError as exc:
         return {"refused": str(exc)}
+    with torch.device(device):
+        model = AttentionCNN(classes, args.img_size, seed_params)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     loader = DataLoader(JpegFolder(items, args.img_size), batch_size=SEED_BATCH, shuffle=True,
                         num_workers=args.seed_workers, pin_memory=device.type == "cuda", drop_last=True,
@@ -314,7 +316,7 @@ def main() -> None:
         run_child_150(args)
         started = time.perf_counter()
         try:
-            AttentionCNN(6, 150, ModelParams(attention="dense", channels=SEED_CHANNELS))
+            check_model_fits(ModelParams(attention="dense", channels=SEED_CHANNELS), 150)
             print("dense at 150 px with 128 channels fits this machine")
         except UserError as exc:
             print(f"dense at 150 px (the seed's 128 channels) refused in {1e3 * (time.perf_counter() - started):.1f}"

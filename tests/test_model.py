@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from attention_cnn.errors import UserError
-from attention_cnn.model import (AttentionCNN, ConvAttention, DenseAttention, available_memory_bytes,
-                                 check_dense_fits, dense_attention_bytes, load_model, save_model)
+from attention_cnn.memory import available_memory_bytes, check_dense_fits, check_model_fits, dense_attention_bytes
+from attention_cnn.model import AttentionCNN, ConvAttention, DenseAttention, load_model, save_model
 from attention_cnn.params import ATTENTION_VARIANTS, ModelParams
 
 IMG, C, B, K = 32, 8, 3, 4  # final map h = w = 32 // 8 = 4
@@ -108,8 +108,8 @@ def test_dense_refuses_the_seed_config_at_150px_before_allocating():
         pytest.skip(f"this machine has {available / 1e9:.0f} GB available: the seed's layer fits here")
     started = time.perf_counter()
     with pytest.raises(UserError) as err:
-        AttentionCNN(6, 150, ModelParams(attention="dense", channels=128))
-    assert time.perf_counter() - started < 1.0  # refused before allocating 7 GB of weights
+        check_model_fits(ModelParams(attention="dense", channels=128), 150)
+    assert time.perf_counter() - started < 1.0
     message = str(err.value)
     assert "27.6 GB" in message and "model.attention=conv" in message and "1.72 billion weights" in message
 
@@ -118,6 +118,7 @@ def test_dense_refuses_what_no_machine_holds_and_accepts_what_fits():
     with pytest.raises(UserError, match=r"model.attention=conv"):
         check_dense_fits(channels=1024, img_size=1024)  # 1.7e13 weights
     check_dense_fits(channels=8, img_size=32)  # 128 x 128 weights: fits anywhere
+    check_model_fits(ModelParams(attention="conv", channels=1024), 1024)  # C^2 weights at any size
     # Holding a trained layer for prediction needs the weights only: 4 bytes each, not 16.
     assert dense_attention_bytes(8, 32, training=False) == (128 * 128 + 2 * 128) * 4
 

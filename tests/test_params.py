@@ -1,3 +1,4 @@
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -77,4 +78,4 @@ def test_source_path_is_repo_relative_or_absolute(tmp_path):
 
 def test_params_round_trip_through_yaml():
     params = parse_params({"seed": 7, "model": {"attention": "ltpa"}})
-    assert parse_params(yaml.safe_load(yaml.safe_dump(params.to_dict()))) == params
+    assert parse_params(yaml.safe_load(yaml.safe_dump(dataclasses.asdict(params)))) == params

@@ -12,11 +12,13 @@ import torch
 import yaml
 from tqdm import tqdm
 
+from attention_cnn.checkpoint import CHECKPOINT_FORMAT, read_checkpoint
 from attention_cnn.data.prepared import PreparedSplit, load_split, save_split
 from attention_cnn.errors import UserError
 from attention_cnn.model import AttentionCNN, load_model
 from attention_cnn.params import parse_params
-from attention_cnn.train import augment, train, train_epoch
+from attention_cnn.epoch import augment, train_epoch
+from attention_cnn.train import train
 
 REPO = Path(__file__).resolve().parents[1]
 IMG, CLASSES = 16, ["red", "green", "blue"]
@@ -63,7 +65,7 @@ def params(model: dict | None = None, **train):
 
 
 def run(prepared, out: Path, p=None, **kw):
-    return train(p or params(), prepared, out / "model.pt", out / "checkpoint.pt", out / "metrics",
+    return train(p or params(), prepared, out / "model.pt", out / "checkpoints", out / "metrics",
                  progress=False, **kw)
 
 
@@ -88,7 +90,7 @@ def reference(prepared, tmp_path_factory):
     return out, run(prepared, out)
 
 
-def test_training_learns_and_writes_model_metrics_and_checkpoint(reference):
+def test_training_learns_and_writes_model_and_metrics_and_removes_its_checkpoint(reference):
     out, result = reference
     assert result.epochs_run == 4 and result.resumed_from == 0 and not result.stopped_early
     # The model is selected on val: best epoch has the top val accuracy, ties broken by the lower loss.
@@ -110,7 +112,8 @@ def test_training_learns_and_writes_model_metrics_and_checkpoint(reference):
     loaded = load_model(out / "model.pt")
     assert loaded.classes == CLASSES and loaded.img_size == IMG and loaded.model.params.attention == "conv"
     assert loaded.model.std.flatten().min() > 0.1  # normalisation taken from the train split, not defaults
-    assert (out / "checkpoint.pt").is_file() and not list(out.glob("*.tmp"))
+    # The checkpoint served its purpose: nothing is left beside the outputs, no temp file either.
+    assert sorted(p.name for p in out.iterdir()) == ["metrics", "model.pt"]
 
 
 def test_two_runs_give_identical_metrics_and_weights(prepared, reference, tmp_path):
@@ -127,23 +130,27 @@ class Killed(Exception):
     pass
 
 
+def kill_after_epoch(n: int):
+    def on_epoch_end(result):
+        if result.epoch == n:
+            raise Killed
+    return on_epoch_end
+
+
 def test_resume_after_a_kill_ends_bit_identical(prepared, reference, tmp_path, capsys):
     out, _ = reference
-
-    def kill_after_epoch_2(result):
-        if result.epoch == 2:
-            raise Killed
-
     with pytest.raises(Killed):
-        run(prepared, tmp_path, on_epoch_end=kill_after_epoch_2)
+        run(prepared, tmp_path, on_epoch_end=kill_after_epoch(2))
     assert not (tmp_path / "model.pt").exists()
-    # `dvc repro` deletes the non-persistent outs before re-running; only the checkpoint survives.
+    [checkpoint] = (tmp_path / "checkpoints").iterdir()  # named by the run's fingerprint
+    # `dvc repro` deletes the outs before re-running; the checkpoint is not one of them, so it survives.
     for leftover in (tmp_path / "metrics").rglob("*"):
         if leftover.is_file():
             leftover.unlink()
     resumed = run(prepared, tmp_path)
     assert resumed.resumed_from == 2 and resumed.epochs_run == 4
-    assert "resuming after epoch 2 of 4" in capsys.readouterr().out
+    assert f"{checkpoint}: resuming after epoch 2 of 4" in capsys.readouterr().out
+    assert not (tmp_path / "checkpoints").exists()
     a, b = weights(out), weights(tmp_path)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert summary(tmp_path) == summary(out)
@@ -151,11 +158,41 @@ def test_resume_after_a_kill_ends_bit_identical(prepared, reference, tmp_path, c
         assert plot_rows(tmp_path, name) == plot_rows(out, name)
 
 
-def test_checkpoint_from_other_params_is_ignored(prepared, tmp_path, capsys):
-    run(prepared, tmp_path, p=params(epochs=1))
-    result = run(prepared, tmp_path, p=params(epochs=2))
-    assert result.resumed_from == 0 and result.epochs_run == 2
+def test_a_run_with_other_params_does_not_resume_from_a_checkpoint(prepared, tmp_path, capsys):
+    with pytest.raises(Killed):
+        run(prepared, tmp_path, p=params(epochs=3), on_epoch_end=kill_after_epoch(1))
+    [killed] = (tmp_path / "checkpoints").iterdir()
+    other = run(prepared, tmp_path, p=params(epochs=2))
+    assert other.resumed_from == 0 and other.epochs_run == 2
+    # The killed run's checkpoint is left for its own re-run, which resumes from it.
+    assert list((tmp_path / "checkpoints").iterdir()) == [killed]
+    assert run(prepared, tmp_path, p=params(epochs=3)).resumed_from == 1
+    assert not (tmp_path / "checkpoints").exists()
+    # A checkpoint whose content carries another fingerprint than its name is ignored, loudly.
+    stale = tmp_path / "stale.pt"
+    torch.save({"format": CHECKPOINT_FORMAT, "fingerprint": "another run"}, stale)
+    assert read_checkpoint(stale, "this run", print) is None
     assert "written for other params, data or code; ignoring it and starting fresh" in capsys.readouterr().out
+
+
+def test_few_steps_per_epoch_warn_once_with_a_batch_size_to_try(prepared, tmp_path, capsys):
+    run(prepared, tmp_path / "small", p=params(epochs=2, batch_size=16))  # 60 images: 4 steps per epoch
+    out = capsys.readouterr().out
+    assert out.count("warning:") == 1
+    assert "60 training images make 4 steps of train.batch_size=16 per epoch" in out
+    assert "-S train.batch_size=6" in out
+    run(prepared, tmp_path / "enough", p=params(epochs=1, batch_size=6))  # 10 steps
+    assert "warning" not in capsys.readouterr().out
+
+
+def test_dense_attention_too_big_for_memory_is_refused_before_building(tmp_path):
+    """The memory guard runs in train, before any weight is allocated: here 1.7e13 of them."""
+    big = PreparedSplit(images=torch.zeros(3, 3, 1024, 1024, dtype=torch.uint8), labels=torch.arange(3),
+                        masks=None, files=["a.jpg", "b.jpg", "c.jpg"], classes=CLASSES)
+    for split in ("train", "val"):
+        save_split(tmp_path / "prepared", split, big)
+    with pytest.raises(UserError, match=r"dense at img_size=1024 with model.channels=1024 .* model.attention=conv"):
+        run(tmp_path / "prepared", tmp_path, p=params({"attention": "dense", "channels": 1024}))
 
 
 def test_early_stopping_keeps_the_best_epoch(prepared, tmp_path):
@@ -206,7 +243,7 @@ def test_cuda_step_runs_in_bf16_on_channels_last_input(prepared):
     """Inside a real training pass on the GPU: the convolutions see channels_last input and compute in bf16."""
     device = torch.device("cuda")
     p = params(device="cuda")
-    net = AttentionCNN(len(CLASSES), IMG, p.model, device=device).to(device, memory_format=torch.channels_last)
+    net = AttentionCNN(len(CLASSES), IMG, p.model).to(device, memory_format=torch.channels_last)
     seen = []
     hook = net.trunk[1].conv.register_forward_hook(lambda module, inputs, output: seen.append(
         (inputs[0].is_contiguous(memory_format=torch.channels_last), output.dtype)))
@@ -226,7 +263,7 @@ def test_cuda_step_runs_in_bf16_on_channels_last_input(prepared):
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 def test_cuda_training_learns_and_its_model_predicts_on_cpu(prepared, tmp_path, compiled):
     p = params(device="cuda", epochs=6, batch_size=20, compile=compiled)
-    result = train(p, prepared, tmp_path / "model.pt", tmp_path / "checkpoint.pt", metrics_dir=None, progress=False)
+    result = train(p, prepared, tmp_path / "model.pt", tmp_path / "checkpoints", metrics_dir=None, progress=False)
     assert result.best_val_accuracy >= 0.9 and result.history[-1].train_loss < result.history[0].train_loss
     loaded = load_model(tmp_path / "model.pt")  # on the CPU
     val = load_split(prepared, "val")
@@ -246,22 +283,46 @@ def test_nproc_without_torchrun_is_a_user_error(prepared, tmp_path):
         run(prepared, tmp_path, p=params(nproc=2))
 
 
-def test_ddp_two_cpu_processes_train_through_the_stage_script(prepared, tmp_path):
-    """`python stages/train.py` with train.nproc=2 relaunches itself under torchrun (gloo); rank 0 writes."""
+# A DDP run killed after its first epoch: every rank raises at the same point, after the checkpoint is written.
+KILLED_DDP_RUN = """
+import sys
+from attention_cnn.params import load_params
+from attention_cnn.train import train
+
+def kill_after_epoch_1(result):
+    if result.epoch == 1:
+        sys.exit(3)
+
+train(load_params(), "data/prepared", "models/model.pt", "models/.checkpoints", None, progress=False,
+      on_epoch_end=kill_after_epoch_1)
+"""
+
+
+def test_ddp_two_cpu_processes_resume_a_killed_run_through_the_stage_script(prepared, tmp_path):
+    """`python stages/train.py` with train.nproc=2 relaunches itself under torchrun (gloo); rank 0 writes.
+    After a kill, it resumes from the checkpoint, which holds every rank's RNG."""
     raw = json.loads(json.dumps(RAW))
     raw["train"].update(epochs=2, nproc=2)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     (tmp_path / "data").mkdir()
     os.symlink(prepared, tmp_path / "data" / "prepared")
-    proc = subprocess.run([sys.executable, str(REPO / "stages" / "train.py")], cwd=tmp_path,
+    (tmp_path / "killed.py").write_text(KILLED_DDP_RUN)
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}  # as dvc.yaml's cmd: this checkout's code
+    killed = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "killed.py"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert killed.returncode != 0 and "epoch 1/2:" in killed.stdout, killed.stdout[-2000:] + killed.stderr[-3000:]
+    [saved] = (tmp_path / "models" / ".checkpoints").iterdir()
+    assert len(torch.load(saved, weights_only=True)["rng"]) == 2  # every rank's RNG, for resume
+
+    proc = subprocess.run([sys.executable, str(REPO / "stages" / "train.py")], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "running under torchrun" in proc.stdout
+    assert "resuming after epoch 1 of 2" in proc.stdout
     assert proc.stdout.count("epoch 2/2:") == 1  # only rank 0 reports
     loaded = load_model(tmp_path / "models" / "model.pt")
     assert loaded.classes == CLASSES
-    checkpoint = torch.load(tmp_path / "models" / "checkpoint.pt", weights_only=True)
-    assert len(checkpoint["rng"]) == 2 and checkpoint["done"]  # every rank's RNG, for resume
+    assert not (tmp_path / "models" / ".checkpoints").exists()  # rank 0 removed it once the model was written
     val_accuracy = tmp_path / "metrics" / "train" / "plots" / "metrics" / "val" / "accuracy.tsv"
-    assert len(val_accuracy.read_text().splitlines()) == 1 + 2
+    assert len(val_accuracy.read_text().splitlines()) == 1 + 2  # the replayed epoch and the new one
     assert json.loads((tmp_path / "metrics" / "train" / "metrics.json").read_text())["step"] == 1

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,11 +29,6 @@ import torch.nn.functional as F
 from attention_cnn.atomic import atomic_torch_save
 from attention_cnn.errors import UserError
 from attention_cnn.params import ModelParams, ParamsError, parse_params
-
-# Training a weight with Adam in fp32 keeps 4 copies of it: the weight, its gradient, and Adam's two moments.
-TRAIN_BYTES_PER_WEIGHT = 16
-INFER_BYTES_PER_WEIGHT = 4
-
 
 class AttentionOutput(NamedTuple):
     logits: torch.Tensor    # (B, K)
@@ -56,62 +50,6 @@ def autocast(device: torch.device):
 def feature_size(img_size: int) -> int:
     """Side h = w of the final feature map: three 2x2 max-pools, each rounding down."""
     return img_size // 8
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Memory guard for the seed's dense attention
-
-
-def available_memory_bytes(device: torch.device | str) -> tuple[int, str]:
-    """Memory a new allocation can use on `device`, and a word on where the number comes from."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        free, _total = torch.cuda.mem_get_info(device)
-        return free, f"free memory on {torch.cuda.get_device_name(device)}"
-    # CPU: MemAvailable is what the kernel can hand out without swapping. A container may be capped lower by
-    # its cgroup, so take the smaller of the two. (psutil would do this, but it is not a dependency.)
-    available = None
-    meminfo = Path("/proc/meminfo")
-    if meminfo.is_file():
-        for line in meminfo.read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                available = int(line.split()[1]) * 1024
-    cgroup_max, cgroup_current = Path("/sys/fs/cgroup/memory.max"), Path("/sys/fs/cgroup/memory.current")
-    if cgroup_max.is_file() and cgroup_current.is_file():
-        limit = cgroup_max.read_text().strip()
-        if limit != "max":
-            headroom = int(limit) - int(cgroup_current.read_text().strip())
-            available = headroom if available is None else min(available, headroom)
-    if available is None:  # not Linux: physical memory is the best estimate we have without psutil
-        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return available, "available RAM"
-
-
-def dense_attention_bytes(channels: int, img_size: int, batch_size: int = 64, training: bool = True) -> int:
-    """Bytes the seed's dense attention needs: F*F + 2F weights (W, b, w) plus its activations, F = C*h*w."""
-    num_features = channels * feature_size(img_size) ** 2
-    num_weights = num_features * num_features + 2 * num_features
-    if not training:
-        return num_weights * INFER_BYTES_PER_WEIGHT
-    # Activations kept for backward: the input, W x + b, its ReLU, the sigmoid, and their gradients (fp32).
-    activations = 8 * batch_size * num_features * 4
-    return num_weights * TRAIN_BYTES_PER_WEIGHT + activations
-
-
-def check_dense_fits(channels: int, img_size: int, device: torch.device | str = "cpu",
-                     batch_size: int = 64, training: bool = True) -> None:
-    """Refuse, before allocating anything, a dense attention layer that would not fit the memory at hand."""
-    needed = dense_attention_bytes(channels, img_size, batch_size, training)
-    available, where = available_memory_bytes(device)
-    if needed > available:
-        num_features = channels * feature_size(img_size) ** 2
-        what = "to train with Adam" if training else "to hold"
-        raise UserError(
-            f"params.yaml: 'model.attention' dense at img_size={img_size} with model.channels={channels} is a "
-            f"{num_features:,} x {num_features:,} layer ({num_features ** 2 / 1e9:.2f} billion weights) and needs "
-            f"about {needed / 1e9:.1f} GB {what}, but only {available / 1e9:.1f} GB of {where} is at hand on "
-            f"{torch.device(device).type}. Use the same mechanism with weights shared across positions: "
-            f"`dvc exp run -S model.attention=conv` (or lower img_size / model.channels).")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -217,18 +155,18 @@ class LTPAttention(Attention):
         return channels
 
 
+# One builder per name in params.ATTENTION_VARIANTS, the list params.yaml is validated against.
+_BUILDERS = {
+    "none": lambda channels, size: NoAttention(),
+    "dense": DenseAttention,
+    "conv": lambda channels, size: ConvAttention(channels),
+    "spatial": lambda channels, size: SpatialAttention(channels),
+    "ltpa": lambda channels, size: LTPAttention(channels),
+}
+
+
 def build_attention(variant: str, channels: int, size: int) -> Attention:
-    if variant == "none":
-        return NoAttention()
-    if variant == "dense":
-        return DenseAttention(channels, size)
-    if variant == "conv":
-        return ConvAttention(channels)
-    if variant == "spatial":
-        return SpatialAttention(channels)
-    if variant == "ltpa":
-        return LTPAttention(channels)
-    raise UserError(f"params.yaml: 'model.attention' must be one of none, dense, conv, spatial, ltpa, got {variant!r}.")
+    return _BUILDERS[variant](channels, size)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -256,14 +194,11 @@ class ConvBlock(nn.Module):
 class AttentionCNN(nn.Module):
     """4 conv blocks (3 pooled) -> attention over the final map -> FC hidden -> dropout -> classes."""
 
-    def __init__(self, num_classes: int, img_size: int, params: ModelParams, *,
-                 device: torch.device | str = "cpu", batch_size: int = 64, training: bool = True):
-        """`device`, `batch_size` and `training` only size the memory check of `dense` attention."""
+    def __init__(self, num_classes: int, img_size: int, params: ModelParams):
+        """Builds what it is asked for: call memory.check_model_fits first where `dense` could be too big."""
         super().__init__()
         if img_size < 8:
             raise UserError(f"img_size must be at least 8 (three 2x2 pools), got {img_size}.")
-        if params.attention == "dense":
-            check_dense_fits(params.channels, img_size, device, batch_size, training)
         C, size = params.channels, feature_size(img_size)
         self.num_classes, self.img_size, self.params = num_classes, img_size, params
         # Input normalisation lives in the model (set from the train split), so a saved model is self-contained.
@@ -360,7 +295,10 @@ def load_model(path: Path | str, map_location: torch.device | str = "cpu") -> Tr
     not one gives a UserError naming it."""
     path = Path(path)
     blob, params, img_size = _read_model_file(path, map_location)
-    model = AttentionCNN(len(blob["classes"]), img_size, params, device=map_location, training=False)
+    from attention_cnn.memory import check_model_fits  # here: memory.py imports feature_size from this module
+
+    check_model_fits(params, img_size, map_location, training=False)
+    model = AttentionCNN(len(blob["classes"]), img_size, params)
     try:
         model.load_state_dict(blob["state_dict"])
     except RuntimeError as exc:  # weights of another architecture under the same format number

@@ -112,9 +112,6 @@ class Params:
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
     visualize: VisualizeParams = field(default_factory=VisualizeParams)
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
     def source_path(self, root: Path | str = ".") -> Path:
         """`data.source` as a path: absolute as given, or relative to the repo root."""
         source = Path(os.path.expanduser(self.data.source))

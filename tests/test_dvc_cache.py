@@ -1,0 +1,68 @@
+"""The DVC cache follows the code: stages import the src/ of the copy they run in, and a workspace restored from
+the cache (`dvc checkout`, `dvc exp apply`) is up to date, so nothing retrains. Real `dvc` in temporary repos."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from test_pipeline import TINY, _merge, _run, _stages_run
+
+REPO = Path(__file__).resolve().parents[1]
+OUTS = ("data/sample", "data/prepared", "models", "metrics", "output")
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    """Like test_pipeline's repo (tiny params, one `dvc repro`), but this module's tests change it."""
+    import yaml
+
+    root = tmp_path_factory.mktemp("cache")
+    for name in ("dvc.yaml", "params.yaml", ".gitignore", ".dvcignore"):
+        shutil.copy(REPO / name, root / name)
+    for folder in ("stages", "src", ".dvc"):
+        shutil.copytree(REPO / folder, root / folder, ignore=shutil.ignore_patterns("tmp", "cache", "__pycache__"))
+    params = _merge(yaml.safe_load((root / "params.yaml").read_text()), TINY)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    _run(["git", "init", "-q"], root)
+    _run(["git", "add", "-A"], root)
+    _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "tiny"], root)
+    assert _stages_run(_run(["dvc", "repro"], root)) == ["sample", "prepare", "train", "evaluate", "visualize"]
+    return root
+
+
+def _up_to_date(root: Path) -> bool:
+    return "Data and pipelines are up to date" in _run(["dvc", "status"], root)
+
+
+def test_a_stage_imports_the_src_of_the_copy_it_runs_in(repo, tmp_path):
+    """The package is installed (editable) from another checkout; the copy's own src/ must win."""
+    copy = tmp_path / "copy"
+    shutil.copytree(repo, copy, symlinks=True)
+    errors = copy / "src" / "attention_cnn" / "errors.py"
+    errors.write_text(errors.read_text() + '\nprint("imported errors.py from", __file__, flush=True)\n')
+    log = _run(["dvc", "repro", "--force", "--single-item", "sample"], copy)
+    assert f"imported errors.py from {errors}" in log
+
+
+def test_finished_training_leaves_no_checkpoint_and_the_workspace_is_up_to_date(repo):
+    assert not (repo / "models" / ".checkpoints").exists()
+    assert _up_to_date(repo)
+
+
+def test_a_workspace_restored_by_checkout_retrains_nothing(repo):
+    """As in a fresh clone followed by `dvc pull`: every out comes from the cache, no checkpoint exists."""
+    for out in OUTS:
+        shutil.rmtree(repo / out)
+    _run(["dvc", "checkout"], repo)
+    assert (repo / "models" / "model.pt").is_file()
+    assert _up_to_date(repo)
+    assert _stages_run(_run(["dvc", "repro"], repo)) == []
+
+
+def test_exp_apply_then_repro_retrains_nothing(repo):
+    assert _stages_run(_run(["dvc", "exp", "run", "-n", "short", "-S", "train.epochs=1"], repo)) == [
+        "train", "evaluate", "visualize"]
+    _run(["dvc", "exp", "apply", "short"], repo)
+    assert _up_to_date(repo)
+    assert _stages_run(_run(["dvc", "repro"], repo)) == []
