@@ -9,14 +9,17 @@ from PIL import Image
 
 from attention_cnn.data.prepared import PreparedSplit, load_split, save_split
 from attention_cnn.errors import UserError
-from attention_cnn.evaluate import (attention_quality, confusion_records, evaluate, predict_logits,
+from attention_cnn.evaluate import (attention_quality, confusion_records, evaluate,
                                     saliency_methods, write_misclassified)
 from attention_cnn.maps import AttentionMap, GradCAM, RandomMap, upsample
 from attention_cnn.metrics import classification_report
 from attention_cnn.model import AttentionCNN, load_model, save_model
 from attention_cnn.params import ModelParams, parse_params
 from attention_cnn.atomic import atomic_dir
-from attention_cnn.visualize import DPI, PANEL_INCHES, compute_panels, safe_name, spread_over_classes, visualize
+from attention_cnn.figures import DPI, safe_name
+from attention_cnn.inference import images_to_float, predict_logits, spread_over_classes
+from attention_cnn.panels import PANEL_INCHES, compute_panels
+from attention_cnn.visualize import visualize
 
 S = 32
 CLASSES = ["red", "green", "blue"]
@@ -203,6 +206,21 @@ def test_visualize_writes_one_figure_per_image_and_a_grid_per_class(workspace):
     with Image.open(result.image_files[0]) as single:
         colours = single.convert("RGB").getcolors(maxcolors=1_000_000)
         assert colours is not None and len(colours) > 500
+
+
+def test_a_model_without_attention_draws_no_mask_panel(workspace, tmp_path):
+    with_mask = visualize(PARAMS, workspace / "prepared", workspace / "model_conv.pt", tmp_path / "conv")
+    without = visualize(PARAMS, workspace / "prepared", workspace / "model_none.pt", tmp_path / "none")
+    with Image.open(with_mask.image_files[0]) as four, Image.open(without.image_files[0]) as three:
+        # One panel fewer; the height and the margins stay.
+        assert four.size[0] - three.size[0] == pytest.approx(PANEL_INCHES * DPI, abs=2)
+        assert four.size[1] == three.size[1]
+
+
+def test_images_to_float_is_the_unit_scale():
+    images = torch.tensor([0, 51, 255], dtype=torch.uint8).view(1, 3, 1, 1)
+    assert torch.equal(images_to_float(images), torch.tensor([0.0, 0.2, 1.0]).view(1, 3, 1, 1))
+    assert images.dtype == torch.uint8  # the input is left alone
 
 
 def test_panels_scale_the_mask_per_image_and_keep_its_raw_range(workspace):

@@ -21,15 +21,16 @@ import torch
 from dvclive import Live
 from tqdm import tqdm
 
+from attention_cnn.atomic import atomic_dir
 from attention_cnn.data.prepared import load_split
 from attention_cnn.faithfulness import ScoreFn, deletion_insertion, perturbation, pointing_game, pointing_tolerance
+from attention_cnn.figures import draw_gallery, prediction_label
+from attention_cnn.inference import (check_model_matches, images_to_float, load_for_inference, model_device,
+                                     predict_logits, spread_over_classes)
 from attention_cnn.maps import AttentionMap, GradCAM, RandomMap, SaliencyMap
 from attention_cnn.metrics import ClassificationReport, classification_report
-from attention_cnn.atomic import atomic_dir
 from attention_cnn.model import AttentionCNN, autocast
 from attention_cnn.params import Params
-from attention_cnn.visualize import (check_model_matches, draw_gallery, load_for_inference, model_device,
-                                     prediction_label, spread_over_classes)
 
 GALLERY_SIZE = 24
 
@@ -46,17 +47,6 @@ class EvaluateResult:
     report: ClassificationReport
     map_quality: dict[str, MapQuality]  # by method name: attention, gradcam, random
     metrics: dict[str, float]           # flat names exactly as logged ('/' nests them in metrics.json)
-
-
-def predict_logits(model: AttentionCNN, images: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """(N, 3, S, S) uint8 -> (N, K) float32 logits on the CPU, in batches (the last one may be short)."""
-    device = model_device(model)
-    logits = []
-    with torch.inference_mode(), autocast(device):
-        for lo in range(0, images.shape[0], batch_size):
-            x = images[lo:lo + batch_size].to(device).float() / 255
-            logits.append(model(x).logits.float().cpu())
-    return torch.cat(logits)
 
 
 def class_probabilities(model: AttentionCNN) -> ScoreFn:
@@ -92,7 +82,7 @@ def attention_quality(model: AttentionCNN, images: torch.Tensor, masks: torch.Te
     """Deletion/insertion AUC (and the pointing game when `masks` (N, S, S) exist) of each method's maps on
     uint8 `images` (N, 3, S, S), explaining the class the model predicts."""
     device = model_device(model)
-    x = images.to(device).float() / 255                                   # (N, 3, S, S)
+    x = images_to_float(images, device)                                   # (N, 3, S, S)
     score = class_probabilities(model)
     targets = torch.cat([score(x[lo:lo + batch_size]).argmax(dim=1) for lo in range(0, x.shape[0], batch_size)])
     setup = perturbation(score, x, targets, batch_size)
