@@ -23,7 +23,8 @@ from tqdm import tqdm
 
 from attention_cnn.atomic import atomic_dir
 from attention_cnn.data.prepared import load_split
-from attention_cnn.faithfulness import ScoreFn, deletion_insertion, perturbation, pointing_game, pointing_tolerance
+from attention_cnn.faithfulness import (ScoreFn, deletion_fill, deletion_insertion, perturbation, pointing_game,
+                                        pointing_tolerance)
 from attention_cnn.figures import draw_gallery, prediction_label
 from attention_cnn.inference import (check_model_matches, images_to_float, load_for_inference, model_device,
                                      predict_logits, spread_over_classes)
@@ -85,7 +86,7 @@ def attention_quality(model: AttentionCNN, images: torch.Tensor, masks: torch.Te
     x = images_to_float(images, device)                                   # (N, 3, S, S)
     score = class_probabilities(model)
     targets = torch.cat([score(x[lo:lo + batch_size]).argmax(dim=1) for lo in range(0, x.shape[0], batch_size)])
-    setup = perturbation(score, x, targets, batch_size)
+    setup = perturbation(score, x, targets, batch_size, fill=deletion_fill(x, model.mean))
     quality = {}
     for method in tqdm(methods, desc="attention quality", unit="map", leave=False):
         saliency = compute_maps(method, model, x, batch_size)            # (N, S, S)
