@@ -4,9 +4,10 @@ Deletion and insertion (Petsiuk, Das & Saenko, "RISE", BMVC 2018): pixels are ra
 first, and changed in that order in `steps` equal steps.
 - deletion starts from the image and replaces the ranked pixels with the training images' per-channel mean
   colour (`deletion_fill`: zeros after the model's normalisation, what RISE's reference code deletes to); a
-  faithful map makes the score fall fast: LOWER deletion AUC is better. Not black: a model trained on the
-  sample predicts an all-black image as "forest" at 0.999, so every deletion curve of a forest prediction
-  would end near 1 whatever the map.
+  faithful map makes the score fall fast: LOWER deletion AUC is better. No constant fill is neutral for every
+  model: on the 64 px sample model an all-black image is "street" at 0.73 and the mean colour "mountain" at
+  0.97 (an earlier model: black "forest" at 0.999). The curve's end point carries that bias for every map
+  alike, so compare a map with the random baseline on the same fill, not with a number from elsewhere.
 - insertion starts from a blurred copy of the image (Gaussian, sigma = S/16 px) and puts the ranked pixels
   back; a faithful map makes the score rise fast: HIGHER insertion AUC is better.
 The score is the softmax probability of the class the model predicts on the intact image (the map explains
