@@ -4,12 +4,13 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: repro test install bench clean-venv
+.PHONY: repro test install bench clean-venv plots-template
 
 # Re-install only when the dependency list changes.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
+	@echo "Installing torch, DVC and the other dependencies into $(VENV) (about 1 GB; 3-10 minutes on first install)..."
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
@@ -25,6 +26,10 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/prepare.py
 	$(BIN)/python bench/train.py
+
+# Re-inline vega, vega-lite and vega-embed into .dvc/offline_plots/ (needs npm); only when DVC's versions change.
+plots-template: $(STAMP)
+	$(BIN)/python tools/make_offline_plots.py
 
 clean-venv:
 	rm -rf $(VENV)

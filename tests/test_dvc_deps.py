@@ -87,12 +87,26 @@ def missing_deps(root: Path) -> list[str]:
             if not any(path == dep or dep in path.parents for dep in deps):
                 problems.append(f"stage '{name}': runs {path.relative_to(root)} but dvc.yaml does not list it "
                                 f"in its deps")
+        for dep in deps:  # a module the stage never runs would re-run it for nothing
+            if dep.suffix == ".py" and dep.is_relative_to(root / "src") and dep not in needed:
+                problems.append(f"stage '{name}': lists {dep.relative_to(root)} in its deps but never imports it")
     return problems
 
 
 def test_every_stage_lists_every_module_it_imports():
     problems = missing_deps(REPO)
     assert not problems, "dvc.yaml is missing deps:\n" + "\n".join(problems)
+
+
+def test_a_module_the_stage_never_imports_is_not_a_dep(tmp_path):
+    for name in ("dvc.yaml", "stages", "src"):
+        copy = shutil.copytree if (REPO / name).is_dir() else shutil.copy
+        copy(REPO / name, tmp_path / name)
+    dvc_yaml = yaml.safe_load((tmp_path / "dvc.yaml").read_text())
+    dvc_yaml["stages"]["evaluate"]["deps"].append("src/attention_cnn/panels.py")
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump(dvc_yaml))
+    assert missing_deps(tmp_path) == [
+        "stage 'evaluate': lists src/attention_cnn/panels.py in its deps but never imports it"]
 
 
 def test_closure_follows_relative_function_level_and_package_imports(tmp_path):

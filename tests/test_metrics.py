@@ -6,9 +6,11 @@ import math
 import pytest
 import torch
 
-from attention_cnn.faithfulness import (blur, curve_auc, deletion_insertion, perturbation, pointing_game,
-                                        pointing_tolerance)
+from attention_cnn.faithfulness import (blur, curve_auc, deletion_fill, deletion_insertion, perturbation,
+                                        pointing_game, pointing_tolerance)
 from attention_cnn.metrics import classification_report, confusion_matrix, expected_calibration_error
+from attention_cnn.model import AttentionCNN
+from attention_cnn.params import ModelParams
 
 CLASSES = ["a", "b", "c"]
 # Five images; logits = log(probabilities), so softmax gives these rows back.
@@ -100,7 +102,7 @@ def test_deletion_and_insertion_have_the_analytic_areas():
     images = torch.ones(2, 3, S, S)
     saliency = torch.stack([half_map(left=True), half_map(left=False)])
     setup = perturbation(region_score, images, torch.tensor([0, 0]), batch_size=3,
-                         deletion_fill=torch.zeros_like(images), insertion_start=torch.zeros_like(images))
+                         fill=torch.zeros_like(images), insertion_start=torch.zeros_like(images))
     result = deletion_insertion(region_score, setup, saliency, steps=4, batch_size=3)
     # Right map: deleting 1/4 of the pixels removes half the region -> curve 1, .5, 0, 0, 0 -> area 1/4;
     # insertion mirrors it -> 0, .5, 1, 1, 1 -> 3/4. The inverse map swaps the two.
@@ -114,7 +116,7 @@ def test_a_random_map_lies_between_the_right_and_the_inverse_map():
     torch.manual_seed(0)
     images = torch.ones(1, 3, S, S)
     setup = perturbation(region_score, images, torch.tensor([0]), batch_size=16,
-                         deletion_fill=torch.zeros_like(images), insertion_start=torch.zeros_like(images))
+                         fill=torch.zeros_like(images), insertion_start=torch.zeros_like(images))
     noise = torch.rand(1, S, S)
     random = deletion_insertion(region_score, setup, noise, steps=16, batch_size=16)
     right = deletion_insertion(region_score, setup, half_map(True)[None], steps=16, batch_size=16)
@@ -123,11 +125,21 @@ def test_a_random_map_lies_between_the_right_and_the_inverse_map():
     assert right.insertion_auc > random.insertion_auc > wrong.insertion_auc
 
 
-def test_default_baselines_are_black_and_blur():
+def test_deletion_fills_with_the_channel_mean_and_insertion_starts_from_blur():
     images = torch.rand(2, 3, 16, 16)
-    setup = perturbation(lambda x: region_score(x[..., :S, :S]), images, torch.tensor([0, 1]), batch_size=4)
-    assert torch.equal(setup.deletion_fill, torch.zeros_like(images))
+    mean = torch.tensor([0.4, 0.5, 0.3])
+    fill = deletion_fill(images, mean)
+    setup = perturbation(lambda x: region_score(x[..., :S, :S]), images, torch.tensor([0, 1]), batch_size=4, fill=fill)
+    assert fill.shape == images.shape
+    assert torch.equal(setup.fill[1, :, 7, 9], mean)
     assert torch.allclose(setup.insertion_start, blur(images))
+
+
+def test_the_deletion_fill_is_zero_after_the_models_normalisation():
+    model = AttentionCNN(3, 16, ModelParams(channels=4, hidden=8))
+    model.set_normalization(torch.tensor([0.4, 0.5, 0.3]), torch.tensor([0.2, 0.25, 0.3]))
+    fill = deletion_fill(torch.rand(2, 3, 16, 16), model.mean)
+    assert torch.equal((fill - model.mean) / model.std, torch.zeros_like(fill))
 
 
 def test_blur_equals_torchvision_gaussian_blur():
@@ -180,5 +192,19 @@ def test_pointing_game_ties_score_their_share_and_empty_masks_are_nan():
     assert math.isnan(hits[1].item())
 
 
-def test_pointing_tolerance_is_a_sixteenth_of_the_image():
-    assert pointing_tolerance(64) == 4 and pointing_tolerance(224) == 14
+def test_pointing_tolerance_is_15_px_at_224_scaled_to_the_image():
+    assert pointing_tolerance(224) == 15
+    assert pointing_tolerance(112) == 7.5
+    assert pointing_tolerance(64) == pytest.approx(4.2857, abs=1e-4)
+
+
+def test_pointing_game_grows_the_mask_by_a_disk_not_a_square():
+    mask = torch.zeros(32, 32, dtype=torch.uint8)
+    mask[10, 10] = 255  # one evidence pixel
+    # Offsets from it: 3 along a row (distance 3), (2, 2) (2.83), (3, 2) (3.61) and (3, 3) (4.24).
+    peaks = [(10, 13), (12, 12), (13, 12), (13, 13)]
+    maps = torch.stack([peak_at(r, c, size=32) for r, c in peaks])
+    hits = pointing_game(maps, mask.expand(4, 32, 32), tolerance=3)
+    # A square of half-width 3 would hit all four; the disk of radius 3 hits the first two only.
+    assert hits.tolist() == [1.0, 1.0, 0.0, 0.0]
+    assert pointing_game(maps, mask.expand(4, 32, 32), tolerance=3.7).tolist() == [1.0, 1.0, 1.0, 0.0]

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from PIL import Image
 from attention_cnn.model import load_model
 
 REPO = Path(__file__).resolve().parents[1]
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 VENV_BIN = Path(sys.executable).parent
 TINY = {
     "img_size": 32,
@@ -83,6 +85,50 @@ def test_repro_writes_metrics_model_and_images(repo):
         assert image.size[0] > 100 and image.size[1] > 100
     confusion = json.loads((repo / "output/evaluate/confusion.json").read_text())
     assert {row["actual"] for row in confusion} <= set(trained.classes)
+
+
+def test_metrics_show_fits_160_columns(repo):
+    env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}", "COLUMNS": "160"}
+    table = subprocess.run(["dvc", "metrics", "show"], cwd=repo, env=env, capture_output=True, text=True).stdout
+    lines = table.splitlines()
+    assert max(len(line.rstrip()) for line in lines) <= 160, table
+    # One row per file: the headline, then one per saliency method sharing the three score columns.
+    assert [line.split()[0] for line in lines] == ["Path", "metrics/evaluate/metrics.json",
+                                                   "metrics/evaluate/attention.json", "metrics/evaluate/gradcam.json",
+                                                   "metrics/evaluate/random.json"]
+    assert lines[0].split()[1:] == ["accuracy", "best_epoch", "deletion_auc", "ece", "insertion_auc", "loss",
+                                    "macro_f1", "pointing_game", "top2_accuracy"]
+
+
+# Writes, once the page has loaded, how many of its images decoded into the DOM that --dump-dom prints.
+IMAGE_PROBE = """<script>window.addEventListener("load", function () {
+  var images = document.querySelectorAll("img"), loaded = 0;
+  images.forEach(function (image) { if (image.complete && image.naturalWidth > 0) loaded++; });
+  var out = document.createElement("pre"); out.id = "image-probe";
+  out.textContent = "images loaded " + loaded + " of " + images.length; document.body.appendChild(out);
+});</script>"""
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed: `apt-get install -y chromium` "
+                                             "(.ci/run installs it, so CI always runs this test)")
+def test_plots_page_draws_every_chart_and_image_with_no_network(repo):
+    _run(["dvc", "plots", "show"], repo)
+    page = repo / "dvc_plots/index.html"
+    html = page.read_text()
+    assert not re.search(r"<script[^>]*\ssrc\s*=", html) and "cdn.jsdelivr" not in html  # everything inlined
+    charts = html.count("vegaEmbed('#")
+    images = html.count('<img src="static/')
+    assert charts == 6 and images == 10  # 4 curves, confusion, per-class; gallery, 3 figures, 6 class grids
+    probe = page.with_name("probe.html")
+    end = html.rindex("</body>")  # the last one: the inlined libraries contain the string too
+    probe.write_text(html[:end] + IMAGE_PROBE + html[end:])
+    # Every host name resolves to nothing: the page must draw from what it carries.
+    done = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=20000",
+                           "--host-resolver-rules=MAP * ~NOTFOUND", "--dump-dom", probe.as_uri()],
+                          capture_output=True, text=True, timeout=180)
+    dom = done.stdout
+    assert dom.count('class="marks"') == charts, done.stderr[-2000:]  # one drawn canvas per vega chart
+    assert f"images loaded {images} of {images}" in dom
 
 
 def test_second_repro_is_a_no_op(repo):

@@ -1,10 +1,13 @@
 """The evaluate stage: score the trained model on the test split, and measure its attention, not just draw it.
 
-Writes
-- `metrics_dir/metrics.json` through DVCLive: classification metrics (metrics.py) and, per saliency method
-  (maps.py: the learned attention, Grad-CAM on the same layer, a random map), deletion/insertion AUC and the
-  pointing game against the ground-truth masks when the split has them (faithfulness.py);
-- `output_dir/confusion.json`: one {"actual", "predicted"} record per test image, for DVC's confusion template;
+Writes what `dvc metrics show` lists, few numbers so that its table fits a terminal:
+- `metrics_dir/metrics.json`: the headline classification numbers (metrics.py) and the best epoch;
+- `metrics_dir/<method>.json`, one per saliency method (maps.py: `attention`, the learned mask; `gradcam` on the
+  same layer; `random`): deletion/insertion AUC and the pointing game against the ground-truth masks when the
+  split has them (faithfulness.py). One file per method puts the methods in rows that share three columns.
+and what `dvc plots show` draws:
+- `output_dir/per_class.json`: precision, recall, F1 and support of each class (`dvc plots diff` compares them);
+- `output_dir/confusion.json`: one {"actual", "predicted"} record per test image, for the confusion template;
 - `output_dir/misclassified.png`: the most confident mistakes, each titled true / predicted / confidence.
 
 The test split is only reported on; model selection happened on val in the train stage.
@@ -18,22 +21,24 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from dvclive import Live
 from tqdm import tqdm
 
+from attention_cnn.atomic import Owned, atomic_dir
 from attention_cnn.data.prepared import load_split
-from attention_cnn.faithfulness import ScoreFn, deletion_insertion, perturbation, pointing_game, pointing_tolerance
+from attention_cnn.errors import UserError
+from attention_cnn.faithfulness import (ScoreFn, deletion_fill, deletion_insertion, perturbation, pointing_game,
+                                        pointing_tolerance)
+from attention_cnn.figures import draw_gallery, prediction_label
+from attention_cnn.inference import (check_model_matches, images_to_float, load_for_inference, model_device,
+                                     predict_logits, spread_over_classes)
 from attention_cnn.maps import AttentionMap, GradCAM, RandomMap, SaliencyMap
 from attention_cnn.metrics import ClassificationReport, classification_report
-from attention_cnn.atomic import Owned, atomic_dir
 from attention_cnn.model import AttentionCNN, autocast
 from attention_cnn.params import Params
-from attention_cnn.visualize import (check_model_matches, draw_gallery, load_for_inference, model_device,
-                                     prediction_label, spread_over_classes)
 
 GALLERY_SIZE = 24
 # What evaluate writes into --metrics-dir and --out; a folder holding anything else is refused, not replaced.
-METRICS_FILES = Owned(patterns=("metrics.json", "plots/*", "report.*"), sign="metrics.json")
+METRICS_FILES = Owned(patterns=("*.json",), sign="metrics.json")
 PLOT_FILES = Owned(patterns=("*.json", "*.png"), sign="confusion.json")
 
 
@@ -48,18 +53,8 @@ class MapQuality:
 class EvaluateResult:
     report: ClassificationReport
     map_quality: dict[str, MapQuality]  # by method name: attention, gradcam, random
-    metrics: dict[str, float]           # flat names exactly as logged ('/' nests them in metrics.json)
-
-
-def predict_logits(model: AttentionCNN, images: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """(N, 3, S, S) uint8 -> (N, K) float32 logits on the CPU, in batches (the last one may be short)."""
-    device = model_device(model)
-    logits = []
-    with torch.inference_mode(), autocast(device):
-        for lo in range(0, images.shape[0], batch_size):
-            x = images[lo:lo + batch_size].to(device).float() / 255
-            logits.append(model(x).logits.float().cpu())
-    return torch.cat(logits)
+    metrics: dict[str, float]           # every number, flat: report.as_metrics() and method/score
+    headline: dict[str, float]          # what metrics_dir/metrics.json holds
 
 
 def class_probabilities(model: AttentionCNN) -> ScoreFn:
@@ -95,10 +90,10 @@ def attention_quality(model: AttentionCNN, images: torch.Tensor, masks: torch.Te
     """Deletion/insertion AUC (and the pointing game when `masks` (N, S, S) exist) of each method's maps on
     uint8 `images` (N, 3, S, S), explaining the class the model predicts."""
     device = model_device(model)
-    x = images.to(device).float() / 255                                   # (N, 3, S, S)
+    x = images_to_float(images, device)                                   # (N, 3, S, S)
     score = class_probabilities(model)
     targets = torch.cat([score(x[lo:lo + batch_size]).argmax(dim=1) for lo in range(0, x.shape[0], batch_size)])
-    setup = perturbation(score, x, targets, batch_size)
+    setup = perturbation(score, x, targets, batch_size, fill=deletion_fill(x, model.mean))
     quality = {}
     for method in tqdm(methods, desc="attention quality", unit="map", leave=False):
         saliency = compute_maps(method, model, x, batch_size)            # (N, S, S)
@@ -113,13 +108,46 @@ def attention_quality(model: AttentionCNN, images: torch.Tensor, masks: torch.Te
 
 
 def quality_metrics(quality: dict[str, MapQuality]) -> dict[str, float]:
-    metrics = {}
+    return {f"{name}/{key}": value for name, scores in quality_files(quality).items() for key, value in scores.items()}
+
+
+def quality_files(quality: dict[str, MapQuality]) -> dict[str, dict[str, float]]:
+    """{method: {score: value}}, the content of metrics_dir/<method>.json."""
+    files = {}
     for name, q in quality.items():
-        metrics[f"{name}/deletion_auc"] = q.deletion_auc
-        metrics[f"{name}/insertion_auc"] = q.insertion_auc
+        files[name] = {"deletion_auc": q.deletion_auc, "insertion_auc": q.insertion_auc}
         if q.pointing_game is not None:
-            metrics[f"{name}/pointing_game"] = q.pointing_game
-    return metrics
+            files[name]["pointing_game"] = q.pointing_game
+    return files
+
+
+def headline_metrics(report: ClassificationReport, best_epoch: int | None) -> dict[str, float]:
+    headline = {"accuracy": report.accuracy, "macro_f1": report.macro_f1, "loss": report.loss,
+                "top2_accuracy": report.top2_accuracy, "ece": report.ece}
+    if best_epoch is not None:
+        headline["best_epoch"] = best_epoch
+    return headline
+
+
+def read_best_epoch(train_metrics: Path | str) -> int:
+    """The epoch (from 1) whose weights the model file holds, from the train stage's DVCLive metrics.json."""
+    try:
+        return int(json.loads(Path(train_metrics).read_text())["best"]["epoch"])
+    except FileNotFoundError:
+        raise UserError(f"{train_metrics}: not found. Run `dvc repro train` first.") from None
+    except (ValueError, KeyError, TypeError):
+        raise UserError(f"{train_metrics}: holds no best.epoch. Re-run `dvc repro train`.") from None
+
+
+def per_class_records(report: ClassificationReport) -> list[dict]:
+    """One {"class", "metric", "value", "support"} record per class and metric, the layout .dvc/plots/per_class.json
+    draws as grouped bars."""
+    return [{"class": name, "metric": metric, "value": getattr(scores, metric), "support": scores.support}
+            for name, scores in report.per_class.items() for metric in ("precision", "recall", "f1")]
+
+
+def write_json(path: Path, content) -> None:
+    path.write_text(json.dumps(content, indent=1) + "\n")
 
 
 def confusion_records(labels: torch.Tensor, predictions: torch.Tensor, classes: list[str]) -> list[dict[str, str]]:
@@ -141,13 +169,15 @@ def write_misclassified(path: Path, images: torch.Tensor, labels: torch.Tensor, 
 
 
 def evaluate(params: Params, prepared_dir: Path | str, model_path: Path | str, metrics_dir: Path | str,
-             out_dir: Path | str) -> EvaluateResult:
-    """Score `model_path` on the test split of `prepared_dir`; write metrics_dir/metrics.json (DVCLive) and
-    out_dir/{confusion.json, misclassified.png}. Raises UserError for a missing or stale model or split."""
+             out_dir: Path | str, train_metrics: Path | str | None = None) -> EvaluateResult:
+    """Score `model_path` on the test split of `prepared_dir`; write metrics_dir/{metrics, <method>}.json and
+    out_dir/{per_class.json, confusion.json, misclassified.png}. `train_metrics` (the train stage's
+    metrics.json) gives the best epoch. Raises UserError for a missing or stale model or split."""
     trained = load_for_inference(model_path)
     model = trained.model
     test = load_split(prepared_dir, "test")
     check_model_matches(trained, test, model_path, prepared_dir)
+    best_epoch = read_best_epoch(train_metrics) if train_metrics is not None else None
     cfg = params.evaluate
 
     logits = predict_logits(model, test.images, cfg.batch_size)          # (N, K)
@@ -157,14 +187,14 @@ def evaluate(params: Params, prepared_dir: Path | str, model_path: Path | str, m
     masks = test.masks[subset] if test.masks is not None else None
     quality = attention_quality(model, test.images[subset], masks, saliency_methods(model, params.seed),
                                 cfg.faithfulness_steps, cfg.batch_size)
-    metrics = {**report.as_metrics(), **quality_metrics(quality)}
+    headline = headline_metrics(report, best_epoch)
 
     with atomic_dir(metrics_dir, METRICS_FILES) as metrics_tmp, atomic_dir(out_dir, PLOT_FILES) as out_tmp:
-        # dvcyaml=None: DVCLive must not rewrite dvc.yaml; save_dvc_exp=False: `dvc exp run` tracks the experiment.
-        with Live(dir=str(metrics_tmp), dvcyaml=None, save_dvc_exp=False) as live:
-            for name, value in metrics.items():
-                live.log_metric(name, value, plot=False)
-        records = confusion_records(test.labels, report.predictions, test.classes)
-        (out_tmp / "confusion.json").write_text(json.dumps(records, indent=1) + "\n")
+        write_json(metrics_tmp / "metrics.json", headline)
+        for name, scores in quality_files(quality).items():
+            write_json(metrics_tmp / f"{name}.json", scores)
+        write_json(out_tmp / "per_class.json", per_class_records(report))
+        write_json(out_tmp / "confusion.json", confusion_records(test.labels, report.predictions, test.classes))
         write_misclassified(out_tmp / "misclassified.png", test.images, test.labels, report, test.classes)
-    return EvaluateResult(report=report, map_quality=quality, metrics=metrics)
+    every = {**report.as_metrics(), **quality_metrics(quality)}
+    return EvaluateResult(report=report, map_quality=quality, metrics=every, headline=headline)

@@ -2,16 +2,21 @@
 
 Deletion and insertion (Petsiuk, Das & Saenko, "RISE", BMVC 2018): pixels are ranked by saliency, most salient
 first, and changed in that order in `steps` equal steps.
-- deletion starts from the image and replaces the ranked pixels with black (zeros, as in RISE); a faithful map
-  makes the score fall fast: LOWER deletion AUC is better.
+- deletion starts from the image and replaces the ranked pixels with the training images' per-channel mean
+  colour (`deletion_fill`: zeros after the model's normalisation, what RISE's reference code deletes to); a
+  faithful map makes the score fall fast: LOWER deletion AUC is better. No constant fill is neutral for every
+  model: on the 64 px sample model an all-black image is "street" at 0.73 and the mean colour "mountain" at
+  0.97 (an earlier model: black "forest" at 0.999). The curve's end point carries that bias for every map
+  alike, so compare a map with the random baseline on the same fill, not with a number from elsewhere.
 - insertion starts from a blurred copy of the image (Gaussian, sigma = S/16 px) and puts the ranked pixels
   back; a faithful map makes the score rise fast: HIGHER insertion AUC is better.
 The score is the softmax probability of the class the model predicts on the intact image (the map explains
 the model's decision, right or wrong). AUC = trapezoid rule over the fraction of pixels changed, in [0, 1].
 
 Pointing game (Zhang et al., "Top-down Neural Attention by Excitation Backprop", ECCV 2016): a hit when the
-map's maximum falls inside the ground-truth evidence mask, grown by a tolerance of S/16 px (Zhang et al. use
-15 px at 224 px, the same share; it is also half a cell of the S/8 feature map the maps come from). Ties for
+map's maximum lies within 15 px (Euclidean, a disk) of the ground-truth evidence mask at 224 px, the radius
+scaled to the image size (`pointing_tolerance`). A disk, not a square: a square reaches 41 % further along the
+diagonals and doubles the random baseline's score. Ties for
 the maximum (e.g. a constant map) score the share of tied pixels inside the mask, the expected hit under random
 tie-breaking, so a flat map cannot score by luck of raster order.
 
@@ -44,10 +49,10 @@ class Perturbation:
     map, so they are scored once here and shared by all maps compared on the same images."""
     images: torch.Tensor           # (B, 3, S, S) in [0, 1]
     targets: torch.Tensor          # (B,) class whose probability is the score
-    deletion_fill: torch.Tensor    # (B, 3, S, S) what deleted pixels become
+    fill: torch.Tensor             # (B, 3, S, S) what deleted pixels become
     insertion_start: torch.Tensor  # (B, 3, S, S) what insertion starts from
     intact_score: torch.Tensor     # (B,) score of the images
-    deleted_score: torch.Tensor    # (B,) score of deletion_fill
+    deleted_score: torch.Tensor    # (B,) score of fill
     start_score: torch.Tensor      # (B,) score of insertion_start
 
 
@@ -79,15 +84,19 @@ def _target_scores(score_fn: ScoreFn, images: torch.Tensor, targets: torch.Tenso
     return torch.cat(scores).cpu()
 
 
+def deletion_fill(images: torch.Tensor, channel_mean: torch.Tensor) -> torch.Tensor:
+    """What deleted pixels become: `channel_mean` (3 values in [0, 1], the training images' per-channel mean,
+    which the model keeps as its `mean` buffer) at every pixel of images (B, 3, S, S). See the module docstring."""
+    return channel_mean.reshape(1, 3, 1, 1).to(images).expand_as(images)
+
+
 def perturbation(score_fn: ScoreFn, images: torch.Tensor, targets: torch.Tensor, batch_size: int,
-                 deletion_fill: torch.Tensor | None = None,
-                 insertion_start: torch.Tensor | None = None) -> Perturbation:
-    """Set up deletion (default fill: black, zeros) and insertion (default start: `blur(images)`) for
-    images (B, 3, S, S) in [0, 1]; tests pass their own fill and start."""
-    fill = torch.zeros_like(images) if deletion_fill is None else deletion_fill
+                 fill: torch.Tensor, insertion_start: torch.Tensor | None = None) -> Perturbation:
+    """Set up deletion (pixels become `fill`, (B, 3, S, S), normally `deletion_fill`) and insertion (default
+    start: `blur(images)`) for images (B, 3, S, S) in [0, 1]; tests pass their own start."""
     start = blur(images) if insertion_start is None else insertion_start
     targets = targets.to(images.device)
-    return Perturbation(images=images, targets=targets, deletion_fill=fill, insertion_start=start,
+    return Perturbation(images=images, targets=targets, fill=fill, insertion_start=start,
                         intact_score=_target_scores(score_fn, images, targets, batch_size),
                         deleted_score=_target_scores(score_fn, fill, targets, batch_size),
                         start_score=_target_scores(score_fn, start, targets, batch_size))
@@ -135,7 +144,7 @@ def deletion_insertion(score_fn: ScoreFn, setup: Perturbation, saliency: torch.T
     if saliency.shape != (images.shape[0], *images.shape[-2:]):
         raise ValueError(f"saliency {tuple(saliency.shape)} does not match images {tuple(images.shape)}")
     rank = saliency_rank(saliency.to(images.device))
-    deleting = perturbation_curve(score_fn, images, setup.deletion_fill, rank, setup.targets, steps, batch_size)
+    deleting = perturbation_curve(score_fn, images, setup.fill, rank, setup.targets, steps, batch_size)
     inserting = perturbation_curve(score_fn, setup.insertion_start, images, rank, setup.targets, steps, batch_size)
     deletion = torch.cat([setup.intact_score[None], deleting, setup.deleted_score[None]])   # (steps + 1, B)
     insertion = torch.cat([setup.start_score[None], inserting, setup.intact_score[None]])
@@ -143,22 +152,33 @@ def deletion_insertion(score_fn: ScoreFn, setup: Perturbation, saliency: torch.T
                               deletion_curve=deletion, insertion_curve=insertion)
 
 
-def pointing_tolerance(img_size: int) -> int:
-    """Pixels a map's maximum may lie outside the mask and still hit (see the module docstring)."""
-    return img_size // 16
+POINTING_RADIUS_AT_224 = 15  # px, Zhang et al. 2016
 
 
-def pointing_game(saliency: torch.Tensor, masks: torch.Tensor, tolerance: int) -> torch.Tensor:
+def pointing_tolerance(img_size: int) -> float:
+    """Radius in pixels within which a map's maximum may miss the mask and still hit: 15 px at 224 px."""
+    return POINTING_RADIUS_AT_224 * img_size / 224
+
+
+def grow_by_disk(evidence: torch.Tensor, radius: float) -> torch.Tensor:
+    """(B, S, S) bool -> (B, S, S) bool: every pixel within Euclidean distance `radius` of an evidence pixel."""
+    reach = math.floor(radius)
+    if reach < 1:
+        return evidence
+    offsets = torch.arange(-reach, reach + 1, dtype=torch.float32)
+    disk = (offsets[:, None] ** 2 + offsets[None] ** 2 <= radius ** 2).float()     # (2r+1, 2r+1)
+    counts = F.conv2d(evidence.float()[:, None], disk[None, None].to(evidence.device), padding=reach)
+    return counts[:, 0] > 0
+
+
+def pointing_game(saliency: torch.Tensor, masks: torch.Tensor, tolerance: float) -> torch.Tensor:
     """(B,) hit score in [0, 1] per image: 1 when the maximum of saliency (B, S, S) lies in masks (B, S, S)
-    (nonzero = evidence) grown by `tolerance` pixels; the in-mask share of tied maxima when there are ties.
-    Images whose mask is empty get NaN (there is nothing to point at); average with nanmean.
+    (nonzero = evidence) grown by a disk of radius `tolerance` px; the in-mask share of tied maxima when there
+    are ties. Images whose mask is empty get NaN (there is nothing to point at); average with nanmean.
     """
     if saliency.shape != masks.shape:
         raise ValueError(f"saliency {tuple(saliency.shape)} and masks {tuple(masks.shape)} differ")
-    evidence = (masks > 0).float()[:, None]                          # (B, 1, S, S)
-    if tolerance > 0:  # a max-pool grows the mask by `tolerance` pixels in each direction
-        evidence = F.max_pool2d(evidence, kernel_size=2 * tolerance + 1, stride=1, padding=tolerance)
-    evidence = evidence[:, 0] > 0                                    # (B, S, S)
+    evidence = grow_by_disk(masks > 0, tolerance)                    # (B, S, S)
     flat = saliency.flatten(1)
     is_max = flat == flat.amax(dim=1, keepdim=True)                  # (B, S*S)
     hits = (is_max & evidence.flatten(1)).sum(1).float() / is_max.sum(1).float()

@@ -30,8 +30,9 @@ from attention_cnn.data.discover import Skips, image_extensions, walk_images
 from attention_cnn.errors import UserError
 from attention_cnn.model import TrainedModel
 from attention_cnn.params import VisualizeParams
-from attention_cnn.visualize import (PanelFigure, check_colormap, compute_panels, load_for_inference,
-                                     prediction_label, safe_name)
+from attention_cnn.figures import prediction_label, safe_name
+from attention_cnn.inference import load_for_inference
+from attention_cnn.panels import PanelFigure, check_colormap, compute_panels
 
 RESIZE_POLICY = "stretch"  # as the seed, and as the default prepare stage
 MIN_FILES_PER_WORKER = 64  # below this a decode process costs more than it saves
@@ -176,7 +177,8 @@ def predict_folder(model_path: Path | str, images_dir: Path | str, out_dir: Path
         raise UserError(f"--top-k must be between 1 and the model's {len(trained.classes)} classes, got {top_k}.")
     inputs = _read_images(images_dir, out_dir, trained.img_size, workers, progress)
     with atomic_dir(out_dir, PREDICT_FILES) as tmp:
-        figure = PanelFigure(1, colormap, alpha) if figures else None
+        mask_panel = trained.model.params.attention != "none"  # no attention: a constant mask says nothing
+        figure = PanelFigure(1, colormap, alpha, mask_panel=mask_panel) if figures else None
         predictions = _classify(trained, inputs, tmp, top_k, batch_size, figure, progress)
         _write_csv(tmp / "skipped.csv", ["file", "reason"], [[s.file, s.reason] for s in inputs.skipped])
         _write_csv(tmp / "predictions.csv", ["file", "predicted_class", "confidence", "top_k"],

@@ -1,0 +1,55 @@
+"""Drawing basics shared by every figure: file-safe names, prediction labels, uint8 images as arrays, and the
+gallery of images with titles (evaluate's most confident mistakes).
+
+matplotlib is used through its object API with the Agg canvas (no pyplot, no global backend).
+The attention panels (input | before | mask | after, with a colour bar) are in panels.py.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+DPI = 90
+
+
+def safe_name(text: str) -> str:
+    """A file-name-safe version of `text`: ASCII letters, digits, '-', '_' and '.'; the rest -> '_'."""
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", text).strip("._")
+    return name or "image"
+
+
+def image_array(image: torch.Tensor) -> np.ndarray:
+    """(3, S, S) uint8 tensor -> (S, S, 3) float array in [0, 1], the layout matplotlib draws."""
+    return image.permute(1, 2, 0).float().numpy() / 255.0
+
+
+def prediction_label(classes: list[str], predicted: int, confidence: float, true: int | None = None) -> str:
+    pred = f"pred: {classes[predicted]} ({confidence:.2f})"
+    return pred if true is None else f"true: {classes[true]} | {pred}"
+
+
+def draw_gallery(images: torch.Tensor, titles: list[str], path: Path, header: str, columns: int = 6,
+                 dpi: int = DPI) -> None:
+    """A grid of uint8 images (M, 3, S, S), each with its title; with M = 0 the image says so instead."""
+    count = images.shape[0]
+    cols = max(1, min(columns, count))
+    rows = max(1, -(-count // cols))
+    height = rows * 1.75 + 0.6  # inches: 0.6 for the header above the first row's titles
+    figure = Figure(figsize=(max(cols * 1.6, 4.0), height))
+    FigureCanvasAgg(figure)
+    if count == 0:
+        figure.text(0.5, 0.5, "no misclassified test images", ha="center", va="center", fontsize=10)
+    for i in range(count):
+        ax = figure.add_subplot(rows, cols, i + 1)
+        ax.imshow(image_array(images[i]), interpolation="nearest")
+        ax.set_xticks([]), ax.set_yticks([])
+        ax.set_title(titles[i], fontsize=6)
+    figure.suptitle(header, fontsize=8, y=1 - 0.12 / height)
+    figure.subplots_adjust(left=0.02, right=0.98, bottom=0.02, top=1 - 0.6 / height, hspace=0.45, wspace=0.08)
+    figure.savefig(path, dpi=dpi)
