@@ -1,5 +1,6 @@
 """A team shares one pipeline through a DVC remote: after `dvc push`, a fresh `git clone` plus `dvc pull` is up to
-date and `dvc repro` retrains nothing. Real git and `dvc`, with a local folder as the remote."""
+date and `dvc repro` retrains nothing; an experiment travels by `dvc exp push/pull`. Real git and `dvc`, with a
+local folder as the remote."""
 
 import filecmp
 from pathlib import Path
@@ -45,3 +46,25 @@ def test_fresh_clone_and_pull_is_up_to_date_and_retrains_nothing(pushed, tmp_pat
     assert _stages_run(_run(["dvc", "repro"], clone)) == []
     for out in SHARED_OUTS:
         assert filecmp.cmp(origin / out, clone / out, shallow=False), out
+
+
+def test_an_experiment_pushed_from_one_clone_is_pulled_and_applied_in_another(pushed, tmp_path):
+    """`dvc exp push origin` sends the experiment's git ref to the git remote and its outputs to the DVC remote."""
+    origin, _ = pushed
+    alice, bob = tmp_path / "alice", tmp_path / "bob"
+    for clone in (alice, bob):
+        _run(["git", "clone", "-q", str(origin), str(clone)], tmp_path)
+    _run(["dvc", "pull"], alice)
+    # An evaluate-only change keeps this test short; the outputs travel the same way whichever stage wrote them.
+    log = _run(["dvc", "exp", "run", "-n", "fewer-steps", "-S", "evaluate.faithfulness_steps=2"], alice)
+    assert _stages_run(log) == ["evaluate"]
+    _run(["dvc", "exp", "push", "origin", "fewer-steps"], alice)
+
+    _run(["dvc", "exp", "pull", "origin", "fewer-steps"], bob)
+    _run(["dvc", "exp", "apply", "fewer-steps"], bob)
+    metrics = "metrics/evaluate/metrics.json"
+    assert not filecmp.cmp(origin / metrics, bob / metrics, shallow=False)  # the experiment's, not the commit's
+    assert _up_to_date(bob)
+    assert _stages_run(_run(["dvc", "repro"], bob)) == []
+    for out in SHARED_OUTS:
+        assert filecmp.cmp(alice / out, bob / out, shallow=False), out
