@@ -6,29 +6,16 @@ from pathlib import Path
 
 import pytest
 
-from test_pipeline import TINY, _merge, _run, _stages_run
+from test_pipeline import _run, _stages_run
 
-REPO = Path(__file__).resolve().parents[1]
 OUTS = ("data/sample", "data/prepared", "models", "metrics", "output")
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory) -> Path:
-    """Like test_pipeline's repo (tiny params, one `dvc repro`), but this module's tests change it."""
-    import yaml
-
-    root = tmp_path_factory.mktemp("cache")
-    for name in ("dvc.yaml", "params.yaml", ".gitignore", ".dvcignore"):
-        shutil.copy(REPO / name, root / name)
-    for folder in ("stages", "src", ".dvc"):
-        shutil.copytree(REPO / folder, root / folder, ignore=shutil.ignore_patterns("tmp", "cache", "__pycache__"))
-    params = _merge(yaml.safe_load((root / "params.yaml").read_text()), TINY)
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    _run(["git", "init", "-q"], root)
-    _run(["git", "add", "-A"], root)
-    _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "tiny"], root)
-    assert _stages_run(_run(["dvc", "repro"], root)) == ["sample", "prepare", "train", "evaluate", "visualize"]
-    return root
+def repo(built_repo, tmp_path_factory) -> Path:
+    """Like test_pipeline's repo (tiny params, one `dvc repro`), but a copy of its own: this module's tests
+    change it."""
+    return built_repo(tmp_path_factory.mktemp("cache"))
 
 
 def _up_to_date(root: Path) -> bool:

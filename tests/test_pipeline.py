@@ -10,30 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from PIL import Image
 
 from attention_cnn.model import load_model
 
-REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 VENV_BIN = Path(sys.executable).parent
-TINY = {
-    "img_size": 32,
-    "sample": {"images_per_class": 14, "image_size": 48},
-    "data": {"val_fraction": 0.2, "test_fraction": 0.2, "workers": 2},
-    "model": {"channels": 8, "hidden": 16},
-    "train": {"epochs": 2, "batch_size": 16},
-    "evaluate": {"faithfulness_images": 6, "faithfulness_steps": 4},
-    "visualize": {"num_images": 3, "per_class": 2},
-}
-
-
-def _merge(base: dict, extra: dict) -> dict:
-    out = dict(base)
-    for key, value in extra.items():
-        out[key] = _merge(base.get(key, {}), value) if isinstance(value, dict) else value
-    return out
 
 
 def _run(args: list[str], cwd: Path) -> str:
@@ -48,22 +30,10 @@ def _stages_run(log: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory) -> Path:
-    """A git + DVC copy of the repo's tracked pipeline files, with tiny params, after one `dvc repro`."""
-    root = tmp_path_factory.mktemp("pipeline")
-    for name in ("dvc.yaml", "params.yaml", ".gitignore"):
-        shutil.copy(REPO / name, root / name)
-    for folder in ("stages", "src", ".dvc"):
-        shutil.copytree(REPO / folder, root / folder, ignore=shutil.ignore_patterns("tmp", "cache", "__pycache__"))
-    params = _merge(yaml.safe_load((root / "params.yaml").read_text()), TINY)
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    _run(["git", "init", "-q"], root)
-    _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "tiny", "--allow-empty"], root)
-    _run(["git", "add", "-A"], root)
-    _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "tiny"], root)
-    log = _run(["dvc", "repro"], root)
-    assert _stages_run(log) == ["sample", "prepare", "train", "evaluate", "visualize"]
-    return root
+def repo(built_repo, tmp_path_factory) -> Path:
+    """A git + DVC copy of the repo's tracked pipeline files, with tiny params, after one `dvc repro`
+    (tests/conftest.py builds it once per session)."""
+    return built_repo(tmp_path_factory.mktemp("pipeline"))
 
 
 def test_repro_writes_metrics_model_and_images(repo):

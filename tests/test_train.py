@@ -17,7 +17,7 @@ from attention_cnn.data.prepared import PreparedSplit, load_split, save_split
 from attention_cnn.errors import UserError
 from attention_cnn.model import AttentionCNN, load_model
 from attention_cnn.params import parse_params
-from attention_cnn.epoch import augment, train_epoch
+from attention_cnn.epoch import BatchSource, augment, train_epoch
 from attention_cnn.train import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -124,6 +124,42 @@ def test_two_runs_give_identical_metrics_and_weights(prepared, reference, tmp_pa
         assert plot_rows(tmp_path, name) == plot_rows(out, name)
     a, b = weights(out), weights(tmp_path)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_streamed_batches_train_the_same_model_as_a_resident_split(prepared, reference, tmp_path):
+    """The path of a split too big for the device (each batch gathered from the memory-mapped split into a reused
+    host buffer), forced here on CPU: same batches, order and augmentation draws, so bit-identical results."""
+    out, _ = reference
+    run(prepared, tmp_path, resident=False)
+    assert summary(tmp_path) == summary(out)
+    for name in PLOTS[:-1]:
+        assert plot_rows(tmp_path, name) == plot_rows(out, name)
+    a, b = weights(out), weights(tmp_path)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def batches_of(source: BatchSource, index_batches: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    # All kept until the end: a host buffer refilled too early would show up in an earlier batch.
+    return [source.batch(idx.to(source.index_device)) for idx in index_batches]
+
+
+def assert_streamed_batches_match_resident(prepared: Path, device: torch.device) -> BatchSource:
+    split = load_split(prepared, "train")  # memory-mapped, as train reads it
+    g = torch.Generator().manual_seed(0)
+    # Full batches, a short one, then bigger ones (the buffers grow), then a repeat of an image within a batch.
+    index_batches = [torch.randperm(60, generator=g)[:n] for n in (16, 16, 16, 12, 40, 40)] + [torch.zeros(5).long()]
+    resident = BatchSource(split.images, split.labels, device, resident=True)
+    streamed = BatchSource(split.images, split.labels, device, resident=False)
+    assert streamed.index_device == torch.device("cpu") and streamed.images.data_ptr() == split.images.data_ptr()
+    for (x_r, y_r), (x_s, y_s) in zip(batches_of(resident, index_batches), batches_of(streamed, index_batches),
+                                      strict=True):
+        assert x_s.device.type == device.type and x_s.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(x_r, x_s) and torch.equal(y_r, y_s)
+    return streamed
+
+
+def test_streamed_batches_equal_resident_ones_on_cpu(prepared):
+    assert_streamed_batches_match_resident(prepared, torch.device("cpu"))
 
 
 class Killed(Exception):
@@ -248,10 +284,10 @@ def test_cuda_step_runs_in_bf16_on_channels_last_input(prepared):
     hook = net.trunk[1].conv.register_forward_hook(lambda module, inputs, output: seen.append(
         (inputs[0].is_contiguous(memory_format=torch.channels_last), output.dtype)))
     split = load_split(prepared, "train")
-    images, labels, n = split.images.to(device), split.labels.to(device), len(split)
+    source, n = BatchSource(split.images, split.labels, device, resident=True), len(split)
     optimizer = torch.optim.Adam(net.parameters(), fused=True)
     with tqdm(disable=True) as bar:
-        totals = train_epoch(net, optimizer, images, labels, torch.randperm(n, device=device),
+        totals = train_epoch(net, optimizer, source, torch.randperm(n, device=device),
                              torch.zeros(n, dtype=torch.bool, device=device),
                              torch.ones(n, 2, dtype=torch.long, device=device), p.train, bar)
     hook.remove()
@@ -270,6 +306,23 @@ def test_cuda_training_learns_and_its_model_predicts_on_cpu(prepared, tmp_path, 
     with torch.no_grad():
         predicted = loaded.model(val.images.float() / 255).logits.argmax(dim=1)
     assert (predicted == val.labels).float().mean() >= 0.85  # bf16-trained weights work in fp32
+
+
+@needs_cuda
+def test_cuda_streamed_batches_come_through_pinned_buffers_and_equal_resident_ones(prepared):
+    streamed = assert_streamed_batches_match_resident(prepared, torch.device("cuda"))
+    assert all(buffer.is_pinned() for buffer in streamed._buffers)  # or the copies would not overlap compute
+
+
+@needs_cuda
+def test_cuda_streamed_training_learns_like_resident_training(prepared, tmp_path):
+    p = params(device="cuda", epochs=6, batch_size=20)
+    on_device = train(p, prepared, tmp_path / "a.pt", tmp_path / "ck", metrics_dir=None, progress=False)
+    streamed = train(p, prepared, tmp_path / "b.pt", tmp_path / "ck", metrics_dir=None, progress=False,
+                     resident=False)
+    assert streamed.best_val_accuracy >= 0.9
+    # CUDA's fast kernels are not deterministic (distributed.kernel_settings): close, not bit-identical.
+    assert streamed.history[0].train_loss == pytest.approx(on_device.history[0].train_loss, rel=1e-2)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is present here")

@@ -1,5 +1,6 @@
-"""One epoch's work on tensors already on the device: augmentation draws, the training pass, and the validation
-sums. Nothing here reads the clock, writes a file or waits for the device; train.py runs the epochs."""
+"""One epoch's work: where batches come from (`BatchSource`), augmentation draws, the training pass, and the
+validation sums. Nothing here reads the clock or writes a file, and nothing waits for the device except a
+streamed batch's refill of a host buffer whose previous copy is still in flight; train.py runs the epochs."""
 
 from __future__ import annotations
 
@@ -7,8 +8,68 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from attention_cnn.inference import images_to_float
 from attention_cnn.model import autocast
 from attention_cnn.params import TrainParams
+
+# A split stays on the device for the whole run when its images take at most this fraction of the device's free
+# memory (read once the model is built); the rest is left for activations, gradients and the optimizer.
+RESIDENT_FRACTION = 0.5
+
+
+def fits_on_device(split_bytes: int, device: torch.device, fraction: float = RESIDENT_FRACTION) -> bool:
+    """Whether images of `split_bytes` stay on `device` for the run. On CPU always: the split is in host memory
+    already (memory-mapped), and a CPU batch is an index into it either way."""
+    if device.type != "cuda":
+        return True
+    free_bytes, _ = torch.cuda.mem_get_info(device)
+    return split_bytes <= fraction * free_bytes
+
+
+class BatchSource:
+    """A split's uint8 images and labels, handed out as float batches on the training device.
+
+    Resident: the split is copied to the device once and indexed there. Streamed (a split too big for the device):
+    each batch is gathered from the host split (memory-mapped by load_split) into one of two reusable buffers,
+    pinned when the device is CUDA, and copied without blocking, so the next batch is gathered while the device
+    works. Both give the same images in the same order, so a run's results do not depend on the choice.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, device: torch.device, resident: bool):
+        self.device, self.resident = device, resident
+        self.num_images, self.img_size = labels.numel(), images.shape[-1]
+        self.index_device = device if resident else torch.device("cpu")  # where batch indices must live
+        self.images = images.to(device) if resident else images          # (N, 3, S, S) uint8
+        self.labels = labels.to(device) if resident else labels          # (N,) int64
+        self._buffers: list[torch.Tensor] = []
+        self._copied: list[torch.cuda.Event | None] = [None, None]  # a buffer's last copy to the device
+        self._turn = 0
+
+    def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images (B, 3, S, S) float in [0, 1], channels_last, and labels (B,), on the device; idx on index_device."""
+        if self.resident:
+            return _to_input(self.images[idx], self.device), self.labels[idx]
+        buffer = self._host_buffer(idx.numel())
+        torch.index_select(self.images, 0, idx, out=buffer)
+        x = buffer.to(self.device, non_blocking=True)
+        if self.device.type == "cuda":
+            self._copied[self._turn] = torch.cuda.Event()
+            self._copied[self._turn].record(torch.cuda.current_stream(self.device))
+        self._turn = 1 - self._turn
+        return _to_input(x, self.device), self.labels[idx].to(self.device, non_blocking=True)
+
+    def _host_buffer(self, n: int) -> torch.Tensor:
+        """This turn's buffer, once the device has finished copying out of it (it was filled two batches ago)."""
+        if not self._buffers or self._buffers[0].shape[0] < n:
+            pin = self.device.type == "cuda"  # pinning needs CUDA; on CPU the copy to the device is a no-op
+            if self._copied[0] is not None or self._copied[1] is not None:
+                torch.cuda.current_stream(self.device).synchronize()  # old buffers may still be read by a copy
+            self._buffers = [torch.empty((n, *self.images.shape[1:]), dtype=torch.uint8, pin_memory=pin)
+                             for _ in range(2)]
+            self._copied = [None, None]
+        if self._copied[self._turn] is not None:
+            self._copied[self._turn].synchronize()
+        return self._buffers[self._turn][:n]
 
 
 def draw_augmentation(n: int, img_size: int, max_shift: float, generator: torch.Generator):
@@ -37,15 +98,15 @@ def augment(x: torch.Tensor, flip: torch.Tensor, shift: torch.Tensor) -> torch.T
 
 
 @torch.no_grad()
-def validation_totals(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor,
-                      batch_size: int, device: torch.device) -> torch.Tensor:
+def validation_totals(model: torch.nn.Module, source: BatchSource, indices: torch.Tensor,
+                      batch_size: int) -> torch.Tensor:
     """Sum of cross-entropy losses, number correct and count over `indices`: tensor([loss_sum, correct, n])."""
     model.eval()
+    device = source.device
     totals = torch.zeros(3, dtype=torch.float64, device=device)
     for start in range(0, indices.numel(), batch_size):
         idx = indices[start:start + batch_size]
-        x = _to_input(images[idx], device)
-        y = labels[idx]
+        x, y = source.batch(idx)
         with autocast(device):
             logits = model(x).logits.float()
         totals[0] += F.cross_entropy(logits, y, reduction="sum")
@@ -54,20 +115,20 @@ def validation_totals(model: torch.nn.Module, images: torch.Tensor, labels: torc
     return totals
 
 
-def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor,
-                labels: torch.Tensor, order: torch.Tensor, flip: torch.Tensor, shift: torch.Tensor,
-                tp: TrainParams, bar: tqdm, images_per_update: int = 1) -> torch.Tensor:
-    """One pass over `order` (indices into images, on their device). Returns tensor([loss_sum, correct, n]).
+def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, source: BatchSource,
+                order: torch.Tensor, flip: torch.Tensor, shift: torch.Tensor, tp: TrainParams, bar: tqdm,
+                images_per_update: int = 1) -> torch.Tensor:
+    """One pass over `order` (indices into the split, on source.index_device); flip and shift on the device.
+    Returns tensor([loss_sum, correct, n]).
 
-    Nothing here waits for the device: the sums stay on it until the caller reads them once per epoch.
+    The sums stay on the device until the caller reads them once per epoch.
     """
     model.train()
-    device = images.device
+    device = source.device
     totals = torch.zeros(3, dtype=torch.float64, device=device)
     for start in range(0, order.numel(), tp.batch_size):
         idx = order[start:start + tp.batch_size]
-        y = labels[idx]
-        x = _to_input(images[idx], device)  # (B, 3, S, S)
+        x, y = source.batch(idx)  # (B, 3, S, S), (B,)
         if tp.augment:
             x = augment(x, flip[start:start + tp.batch_size], shift[start:start + tp.batch_size])
             x = x.contiguous(memory_format=torch.channels_last)
@@ -86,5 +147,4 @@ def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, images
 
 
 def _to_input(batch_uint8: torch.Tensor, device: torch.device) -> torch.Tensor:
-    x = batch_uint8.to(device, non_blocking=True).float().div_(255)  # (B, 3, S, S) in [0, 1]
-    return x.contiguous(memory_format=torch.channels_last)
+    return images_to_float(batch_uint8, device).contiguous(memory_format=torch.channels_last)  # (B, 3, S, S)

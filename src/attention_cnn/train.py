@@ -1,8 +1,9 @@
 """Train the attention CNN on the prepared splits: Adam, an LR schedule, tensor augmentation, model selection on
 val, early stopping, DVCLive metrics, resumable per-epoch checkpoints, and optional DDP.
 
-The images stay uint8 tensors on the training device for the whole run (decoded once by `prepare`); a batch is
-an index into them, so there is no DataLoader and no per-epoch decoding.
+The images stay uint8 tensors (decoded once by `prepare`) and a batch is an index into them, so there is no
+DataLoader and no per-epoch decoding. A split lives on the training device for the whole run when it fits (see
+`epoch.fits_on_device`); a bigger one is streamed batch by batch from its memory map (`epoch.BatchSource`).
 
 Resume: after every epoch a checkpoint (see checkpoint.py) is rewritten atomically with everything the next
 epoch depends on (weights, optimizer, scheduler, the best weights so far, the history, every RNG). A killed run,
@@ -26,16 +27,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from attention_cnn import checkpoint as checkpoint_module
-from attention_cnn import distributed as distributed_module
-from attention_cnn import epoch as epoch_module
-from attention_cnn import model as model_module
 from attention_cnn.checkpoint import (CHECKPOINT_FORMAT, checkpoint_path, fingerprint, read_checkpoint,
                                       remove_checkpoint, rng_state, save_checkpoint, set_rng_state)
 from attention_cnn.data.prepared import PreparedSplit, load_split
 from attention_cnn.distributed import (Dist, all_reduce_sum, broadcast_buffers, gather_objects, kernel_settings,
                                        setup_distributed, shut_down, wrap_for_steps)
-from attention_cnn.epoch import draw_augmentation, train_epoch, validation_totals
+from attention_cnn.epoch import BatchSource, draw_augmentation, fits_on_device, train_epoch, validation_totals
 from attention_cnn.errors import UserError
 from attention_cnn.memory import check_model_fits
 from attention_cnn.model import AttentionCNN, save_model
@@ -180,25 +177,27 @@ def make_scheduler(optimizer: torch.optim.Optimizer, schedule: str, epochs: int)
 # ----------------------------------------------------------------------------------------------------------
 # The run
 
-# The code whose change must not resume a checkpoint: everything that decides the weights.
-_TRAINING_CODE = [Path(__file__)] + [Path(m.__file__) for m in (model_module, epoch_module, distributed_module,
-                                                                checkpoint_module)]
+# The code whose change must not resume a checkpoint: the whole package, because a hand-kept list of the
+# modules that decide the weights goes stale as imports change (losing a resume is cheap; a stale one is not).
+_TRAINING_CODE = sorted(Path(__file__).parent.rglob("*.py"))
 
 
 def train(params: Params, prepared_dir: Path | str = "data/prepared", model_path: Path | str = "models/model.pt",
           checkpoint_dir: Path | str = "models/.checkpoints", metrics_dir: Path | str | None = "metrics/train",
-          progress: bool = True, on_epoch_end: Callable[[EpochResult], None] | None = None) -> TrainResult:
+          progress: bool = True, on_epoch_end: Callable[[EpochResult], None] | None = None,
+          resident: bool | None = None) -> TrainResult:
     """Train on `prepared_dir`'s train split, select on val, write the best model and metrics.
 
     The checkpoint goes to `checkpoint_dir`, named by the run's fingerprint, and is removed once the model is
     written. Under torchrun (train.nproc > 1) every process calls this; rank 0 alone writes files.
     `on_epoch_end` runs after each epoch's checkpoint is written (progress reporting; tests use it to
-    simulate a kill).
+    simulate a kill). `resident` overrides where the splits live: True on the device, False streamed from host
+    memory, None as `fits_on_device` decides (the results are the same either way).
     """
     ctx = setup_distributed(params)
     with kernel_settings(ctx.device):
         return _train(params, ctx, Path(prepared_dir), Path(model_path), Path(checkpoint_dir), metrics_dir,
-                      progress, on_epoch_end)
+                      progress, on_epoch_end, resident)
 
 
 @dataclass
@@ -210,11 +209,9 @@ class _Run:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     generators: dict[str, torch.Generator]
-    train_images: torch.Tensor   # (N, 3, S, S) uint8, on the training device
-    train_labels: torch.Tensor
-    val_images: torch.Tensor
-    val_labels: torch.Tensor
-    val_indices: torch.Tensor    # this rank's share of val
+    train_data: BatchSource
+    val_data: BatchSource
+    val_indices: torch.Tensor    # this rank's share of val, on val_data.index_device
     per_rank: int                # training images per process and epoch
     progress: bool
     step_model: torch.nn.Module | None = None  # net, wrapped by DDP and torch.compile where asked
@@ -222,13 +219,13 @@ class _Run:
 
 def _train(params: Params, ctx: Dist, prepared_dir: Path, model_path: Path, checkpoint_dir: Path,
            metrics_dir: Path | str | None, progress: bool,
-           on_epoch_end: Callable[[EpochResult], None] | None) -> TrainResult:
+           on_epoch_end: Callable[[EpochResult], None] | None, resident: bool | None) -> TrainResult:
     say = (lambda msg: print(msg, flush=True)) if ctx.is_main else (lambda msg: None)
     train_split, val_split = load_train_val(prepared_dir)
     per_rank = _images_per_rank(len(train_split), ctx, prepared_dir)
     _warn_if_few_steps(prepared_dir, len(train_split), per_rank, params.train.batch_size, say)
     check_model_fits(params.model, train_split.img_size, ctx.device, params.train.batch_size)
-    run = _build_run(params, ctx, train_split, val_split, per_rank, progress)
+    run = _build_run(params, ctx, train_split, val_split, per_rank, progress, resident, say)
 
     run_fingerprint = fingerprint(params, train_split, val_split, _TRAINING_CODE)
     saved_at = checkpoint_path(checkpoint_dir, run_fingerprint)
@@ -284,7 +281,7 @@ def _warn_if_few_steps(prepared_dir: Path, num_train: int, per_rank: int, batch_
 
 
 def _build_run(params: Params, ctx: Dist, train_split: PreparedSplit, val_split: PreparedSplit, per_rank: int,
-               progress: bool) -> _Run:
+               progress: bool, resident: bool | None, say: Callable[[str], None]) -> _Run:
     tp, device = params.train, ctx.device
     # Model: same initial weights on every rank (DDP would broadcast them anyway); dropout streams differ.
     torch.manual_seed(params.seed)
@@ -302,12 +299,17 @@ def _build_run(params: Params, ctx: Dist, train_split: PreparedSplit, val_split:
     }
     optimizer = torch.optim.Adam(net.parameters(), lr=tp.lr, weight_decay=tp.weight_decay,
                                  fused=device.type == "cuda")  # one kernel for all parameters on CUDA
-    # Data on the device, once. Labels and images are indexed per batch; nothing is decoded again.
+    split_bytes = train_split.images.nbytes + val_split.images.nbytes
+    if resident is None:  # decided once the model is on the device, so its memory is already taken
+        resident = fits_on_device(split_bytes, device)
+        if not resident:
+            say(f"train: the train and val images ({split_bytes / 2**30:.1f} GiB) take over half of {device}'s "
+                "free memory; streaming their batches from host memory.")
+    val_data = BatchSource(val_split.images, val_split.labels, device, resident)
     return _Run(params=params, ctx=ctx, net=net, optimizer=optimizer,
                 scheduler=make_scheduler(optimizer, tp.lr_schedule, tp.epochs), generators=generators,
-                train_images=train_split.images.to(device), train_labels=train_split.labels.to(device),
-                val_images=val_split.images.to(device), val_labels=val_split.labels.to(device),
-                val_indices=torch.arange(ctx.rank, len(val_split), ctx.world_size, device=device),
+                train_data=BatchSource(train_split.images, train_split.labels, device, resident), val_data=val_data,
+                val_indices=torch.arange(ctx.rank, len(val_split), ctx.world_size, device=val_data.index_device),
                 per_rank=per_rank, progress=progress)
 
 
@@ -339,25 +341,23 @@ def _resume(run: _Run, state: TrainingState, metrics: _Metrics, saved: dict | No
 
 def _train_one_epoch(run: _Run, epoch: int) -> EpochResult:
     tp, ctx, device = run.params.train, run.ctx, run.ctx.device
-    order = torch.randperm(run.train_labels.numel(), generator=run.generators["shuffle"])
+    order = torch.randperm(run.train_data.num_images, generator=run.generators["shuffle"])
     order = order[ctx.rank * run.per_rank:(ctx.rank + 1) * run.per_rank]
-    flip, shift = draw_augmentation(run.per_rank, run.train_images.shape[-1], tp.max_shift,
-                                    run.generators["augment"])
-    order, flip, shift = order.to(device), flip.to(device), shift.to(device)
+    flip, shift = draw_augmentation(run.per_rank, run.train_data.img_size, tp.max_shift, run.generators["augment"])
+    order, flip, shift = order.to(run.train_data.index_device), flip.to(device), shift.to(device)
     lr = run.optimizer.param_groups[0]["lr"]
     bar = tqdm(total=run.per_rank * ctx.world_size, desc=f"epoch {epoch}/{tp.epochs}", unit="img",
                unit_scale=True, disable=not (run.progress and ctx.is_main), leave=False, dynamic_ncols=True)
     started = time.perf_counter()
-    totals = train_epoch(run.step_model, run.optimizer, run.train_images, run.train_labels, order, flip, shift,
-                         tp, bar, images_per_update=ctx.world_size)
+    totals = train_epoch(run.step_model, run.optimizer, run.train_data, order, flip, shift, tp, bar,
+                         images_per_update=ctx.world_size)
     train_loss, train_correct, train_count = all_reduce_sum(totals, ctx).tolist()  # syncs the device
     seconds = time.perf_counter() - started
     bar.close()
     run.scheduler.step()
 
     broadcast_buffers(run.net, ctx)  # each rank validates its share of val with the same BatchNorm stats
-    val_totals = validation_totals(run.net, run.val_images, run.val_labels, run.val_indices, 2 * tp.batch_size,
-                                   device)
+    val_totals = validation_totals(run.net, run.val_data, run.val_indices, 2 * tp.batch_size)
     val_loss, val_correct, val_count = all_reduce_sum(val_totals, ctx).tolist()
     return EpochResult(epoch=epoch, train_loss=train_loss / train_count, train_accuracy=train_correct / train_count,
                        val_loss=val_loss / val_count, val_accuracy=val_correct / val_count, lr=lr,
