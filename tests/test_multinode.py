@@ -134,22 +134,28 @@ def failed_launches(repo, tmp_path_factory) -> dict[str, tuple[int, str, str, fl
     Name -> (exit status, stdout, stderr, seconds, checkout); names ending in 1 are node 1, the others node 0."""
     base = tmp_path_factory.mktemp("failing")
     launches = {}
-    for name in ("alone0", "alone1", "params0", "params1", "data0", "data1"):
+    for name in ("alone0", "alone1", "busy0", "params0", "params1", "data0", "data1"):
         root = machine_copy(repo, base / name)
-        set_train_params(root, rdzv_timeout=3 if name.startswith("alone") else 30)
+        set_train_params(root, rdzv_timeout=30 if name[:-1] in ("params", "data") else 3)
         launches[name] = root
     # Each pair meets at its own port; the machines alone meet nobody.
-    for pair in (("alone0",), ("alone1",), ("params0", "params1"), ("data0", "data1")):
-        port = free_port()
+    ports = {}
+    for pair in (("alone0",), ("alone1",), ("busy0",), ("params0", "params1"), ("data0", "data1")):
+        ports[pair[0]] = free_port()
         for name in pair:
-            set_train_params(launches[name], rdzv_endpoint=f"127.0.0.1:{port}")
+            set_train_params(launches[name], rdzv_endpoint=f"127.0.0.1:{ports[pair[0]]}")
+    busy = socket.socket()  # another program holds busy0's port
+    busy.bind(("", ports["busy0"]))
+    busy.listen()
     set_train_params(launches["params1"], batch_size=8)
     other = load_split(launches["data1"] / "data" / "prepared", "train")
     other.images[0, 0, 0, 0] ^= 1  # one bit of one pixel
     save_split(launches["data1"] / "data" / "prepared", "train", other)
 
-    started = {name: start(NODE_1 if name.endswith("1") else NODE_0_STAGE, root) for name, root in launches.items()}
-    return {name: (*finish(process), launches[name]) for name, process in started.items()}
+    with busy:
+        started = {name: start(NODE_1 if name.endswith("1") else NODE_0_STAGE, root)
+                   for name, root in launches.items()}
+        return {name: (*finish(process), launches[name]) for name, process in started.items()}
 
 
 def _error_line(stderr: str) -> str:
@@ -170,6 +176,12 @@ def test_a_machine_alone_stops_within_the_timeout_with_one_clear_line(failed_lau
     assert "Start node 0 (`dvc repro train` there)" in err
     # 3 s of waiting on top of starting Python and torch, not torchrun's default of 600 s.
     assert seconds < 60 and seconds1 < 60
+
+
+def test_a_taken_port_on_node_0_is_named(failed_launches):
+    status, _, err, _, _ = failed_launches["busy0"]
+    assert status == 2
+    assert _error_line(err).endswith(": the port is taken on this machine (node 0). Choose a free one.")
 
 
 def test_machines_with_other_params_both_stop_naming_the_key(failed_launches):

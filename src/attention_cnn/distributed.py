@@ -1,5 +1,6 @@
-"""Devices and processes for training: which device a rank uses and its kernel settings, the torchrun relaunch
-behind train.nproc, and the few collective operations the training loop needs (no-ops in a single process)."""
+"""Devices and processes for training: which device a rank uses and its kernel settings, the torchrun launch
+behind train.nproc and train.nnodes, the checks that every machine runs the same job, and the few collective
+operations the training loop needs (no-ops in a single process)."""
 
 from __future__ import annotations
 
@@ -126,6 +127,8 @@ def _worker_exit_status(exc: Exception) -> int:
 def _rendezvous_failure(tp: TrainParams, node_rank: int, exc: Exception) -> str:
     reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     where = f"params.yaml: 'train.rdzv_endpoint' {tp.rdzv_endpoint}"
+    if node_rank == 0 and "EADDRINUSE" in reason:
+        return f"{where}: the port is taken on this machine (node 0). Choose a free one."
     if node_rank == 0:
         return (f"{where}: the other machines did not all join within train.rdzv_timeout={tp.rdzv_timeout} s "
                 f"({reason}). On each of them run `attention-cnn train --node-rank K` (K = 1.."
