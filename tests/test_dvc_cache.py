@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from test_pipeline import _run, _stages_run
+from e2e import run, stages_run
 
 OUTS = ("data/sample", "data/prepared", "models", "metrics", "output")
 
@@ -19,7 +19,7 @@ def repo(built_repo, tmp_path_factory) -> Path:
 
 
 def _up_to_date(root: Path) -> bool:
-    return "Data and pipelines are up to date" in _run(["dvc", "status"], root)
+    return "Data and pipelines are up to date" in run(["dvc", "status"], root)
 
 
 def test_a_stage_imports_the_src_of_the_copy_it_runs_in(repo, tmp_path):
@@ -28,7 +28,7 @@ def test_a_stage_imports_the_src_of_the_copy_it_runs_in(repo, tmp_path):
     shutil.copytree(repo, copy, symlinks=True)
     errors = copy / "src" / "attention_cnn" / "errors.py"
     errors.write_text(errors.read_text() + '\nprint("imported errors.py from", __file__, flush=True)\n')
-    log = _run(["dvc", "repro", "--force", "--single-item", "sample"], copy)
+    log = run(["dvc", "repro", "--force", "--single-item", "sample"], copy)
     assert f"imported errors.py from {errors}" in log
 
 
@@ -41,15 +41,15 @@ def test_a_workspace_restored_by_checkout_retrains_nothing(repo):
     """As in a fresh clone followed by `dvc pull`: every out comes from the cache, no checkpoint exists."""
     for out in OUTS:
         shutil.rmtree(repo / out)
-    _run(["dvc", "checkout"], repo)
+    run(["dvc", "checkout"], repo)
     assert (repo / "models" / "model.pt").is_file()
     assert _up_to_date(repo)
-    assert _stages_run(_run(["dvc", "repro"], repo)) == []
+    assert stages_run(run(["dvc", "repro"], repo)) == []
 
 
 def test_exp_apply_then_repro_retrains_nothing(repo):
-    assert _stages_run(_run(["dvc", "exp", "run", "-n", "short", "-S", "train.epochs=1"], repo)) == [
+    assert stages_run(run(["dvc", "exp", "run", "-n", "short", "-S", "train.epochs=1"], repo)) == [
         "train", "evaluate", "visualize"]
-    _run(["dvc", "exp", "apply", "short"], repo)
+    run(["dvc", "exp", "apply", "short"], repo)
     assert _up_to_date(repo)
-    assert _stages_run(_run(["dvc", "repro"], repo)) == []
+    assert stages_run(run(["dvc", "repro"], repo)) == []

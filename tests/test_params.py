@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from attention_cnn.params import ParamsError, load_params, parse_params
+from attention_cnn.params import ParamsError, load_params, parse_params, training_params
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -35,6 +35,13 @@ def test_missing_keys_take_defaults_and_ints_are_accepted_for_floats():
         ({"data": {"resize": "squash"}}, "'data.resize'", "'stretch', 'center_crop', 'pad'"),
         ({"data": {"val_fraction": 0}}, "'data.val_fraction'", "> 0.0"),
         ({"train": {"device": "tpu"}}, "'train.device'", "'auto', 'cpu', 'cuda'"),
+        ({"train": {"nnodes": 0}}, "'train.nnodes'", ">= 1"),
+        ({"train": {"rdzv_endpoint": "node0"}}, "'train.rdzv_endpoint'", "host:port of the first machine"),
+        ({"train": {"rdzv_endpoint": "node0:http"}}, "'train.rdzv_endpoint'", "host:port"),
+        ({"train": {"rdzv_endpoint": "node0:70000"}}, "'train.rdzv_endpoint'", "host:port"),
+        ({"train": {"rdzv_endpoint": ":29500"}}, "'train.rdzv_endpoint'", "host:port"),
+        ({"train": {"rdzv_endpoint": 29500}}, "'train.rdzv_endpoint'", "host:port"),
+        ({"train": {"rdzv_timeout": 0}}, "'train.rdzv_timeout'", ">= 1"),
     ],
 )
 def test_bad_values_name_the_key_and_the_allowed_values(raw, key, allowed):
@@ -79,3 +86,22 @@ def test_source_path_is_repo_relative_or_absolute(tmp_path):
 def test_params_round_trip_through_yaml():
     params = parse_params({"seed": 7, "model": {"attention": "ltpa"}})
     assert parse_params(yaml.safe_load(yaml.safe_dump(dataclasses.asdict(params)))) == params
+
+
+@pytest.mark.parametrize("endpoint", ["10.0.0.1:29500", "node0.cluster:29500", "[fd00::1]:29500", "localhost:1"])
+def test_rdzv_endpoint_accepts_what_torchrun_accepts(endpoint):
+    assert parse_params({"train": {"nnodes": 2, "rdzv_endpoint": endpoint}}).train.rdzv_endpoint == endpoint
+
+
+def test_several_machines_need_the_endpoint_of_the_first():
+    assert parse_params({"train": {"nnodes": 1}}).train.rdzv_endpoint == ""
+    with pytest.raises(ParamsError, match=r"'train.nnodes' is 2, so 'train.rdzv_endpoint' must be host:port"):
+        parse_params({"train": {"nnodes": 2}})
+
+
+def test_training_params_leave_out_where_the_machines_meet_but_not_how_many_they_are():
+    here = parse_params({"train": {"nnodes": 2, "rdzv_endpoint": "10.0.0.1:29500", "rdzv_timeout": 60}})
+    there = parse_params({"train": {"nnodes": 2, "rdzv_endpoint": "node0:29501"}})
+    assert training_params(here) == training_params(there)
+    assert training_params(here) != training_params(parse_params({"train": {"nnodes": 3, "rdzv_endpoint": "a:1"}}))
+    assert training_params(here)["train"]["nnodes"] == 2 and training_params(here)["seed"] == here.seed

@@ -5,7 +5,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,21 +12,9 @@ import torch
 from PIL import Image
 
 from attention_cnn.model import load_model
+from e2e import VENV_BIN, run, stages_run
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-VENV_BIN = Path(sys.executable).parent
-
-
-def _run(args: list[str], cwd: Path) -> str:
-    env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
-    done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
-    assert done.returncode == 0, f"{' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
-    return done.stdout + done.stderr
-
-
-def _stages_run(log: str) -> list[str]:
-    return [line.split("'")[1] for line in log.splitlines() if line.startswith("Running stage")]
-
 
 @pytest.fixture(scope="module")
 def repo(built_repo, tmp_path_factory) -> Path:
@@ -39,7 +26,7 @@ def repo(built_repo, tmp_path_factory) -> Path:
 def test_repro_writes_metrics_model_and_images(repo):
     metrics = json.loads((repo / "metrics/evaluate/metrics.json").read_text())
     assert 0.0 <= metrics["accuracy"] <= 1.0
-    shown = json.loads(_run(["dvc", "metrics", "show", "--json"], repo))
+    shown = json.loads(run(["dvc", "metrics", "show", "--json"], repo))
     assert "accuracy" in json.dumps(shown)
 
     trained = load_model(repo / "models/model.pt")
@@ -82,7 +69,7 @@ IMAGE_PROBE = """<script>window.addEventListener("load", function () {
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed: `apt-get install -y chromium` "
                                              "(.ci/run installs it, so CI always runs this test)")
 def test_plots_page_draws_every_chart_and_image_with_no_network(repo):
-    _run(["dvc", "plots", "show"], repo)
+    run(["dvc", "plots", "show"], repo)
     page = repo / "dvc_plots/index.html"
     html = page.read_text()
     assert not re.search(r"<script[^>]*\ssrc\s*=", html) and "cdn.jsdelivr" not in html  # everything inlined
@@ -102,21 +89,21 @@ def test_plots_page_draws_every_chart_and_image_with_no_network(repo):
 
 
 def test_second_repro_is_a_no_op(repo):
-    log = _run(["dvc", "repro"], repo)
-    assert _stages_run(log) == []
-    assert "up to date" in _run(["dvc", "status"], repo)
+    log = run(["dvc", "repro"], repo)
+    assert stages_run(log) == []
+    assert "up to date" in run(["dvc", "status"], repo)
 
 
 def test_visualize_param_reruns_only_visualize(repo):
-    log = _run(["dvc", "repro", "--dry"], repo)
-    assert _stages_run(log) == []
-    log = _run(["dvc", "exp", "run", "-S", "visualize.alpha=0.3"], repo)
-    assert _stages_run(log) == ["visualize"]
+    log = run(["dvc", "repro", "--dry"], repo)
+    assert stages_run(log) == []
+    log = run(["dvc", "exp", "run", "-S", "visualize.alpha=0.3"], repo)
+    assert stages_run(log) == ["visualize"]
 
 
 def test_img_size_reruns_everything_but_sample(repo):
-    log = _run(["dvc", "exp", "run", "-S", "img_size=24"], repo)
-    assert _stages_run(log) == ["prepare", "train", "evaluate", "visualize"]
+    log = run(["dvc", "exp", "run", "-S", "img_size=24"], repo)
+    assert stages_run(log) == ["prepare", "train", "evaluate", "visualize"]
     assert load_model(repo / "models/model.pt").img_size == 24
 
 

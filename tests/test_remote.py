@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from test_pipeline import _run, _stages_run
+from e2e import run, stages_run
 
 GIT_USER = ["-c", "user.name=t", "-c", "user.email=t@t"]
 # What a pull must bring back, byte for byte: the model and every metrics file train and evaluate wrote.
@@ -16,7 +16,7 @@ SHARED_OUTS = ("models/model.pt", "metrics/train/metrics.json", "metrics/evaluat
 
 
 def _up_to_date(root: Path) -> bool:
-    return "Data and pipelines are up to date" in _run(["dvc", "status"], root)
+    return "Data and pipelines are up to date" in run(["dvc", "status"], root)
 
 
 @pytest.fixture(scope="module")
@@ -24,10 +24,10 @@ def pushed(built_repo, tmp_path_factory) -> tuple[Path, Path]:
     """The tiny pipeline after `dvc repro`, with a local-folder remote set as default, pushed and committed."""
     root = built_repo(tmp_path_factory.mktemp("origin"))
     remote = tmp_path_factory.mktemp("remote")
-    _run(["dvc", "remote", "add", "-d", "shared", str(remote)], root)
-    _run(["dvc", "push"], root)
-    _run(["git", "add", "-A"], root)
-    _run(["git", *GIT_USER, "commit", "-qm", "pipeline results, shared remote"], root)
+    run(["dvc", "remote", "add", "-d", "shared", str(remote)], root)
+    run(["dvc", "push"], root)
+    run(["git", "add", "-A"], root)
+    run(["git", *GIT_USER, "commit", "-qm", "pipeline results, shared remote"], root)
     return root, remote
 
 
@@ -39,12 +39,12 @@ def test_push_fills_the_remote(pushed):
 def test_fresh_clone_and_pull_is_up_to_date_and_retrains_nothing(pushed, tmp_path):
     origin, _ = pushed
     clone = tmp_path / "clone"
-    _run(["git", "clone", "-q", str(origin), str(clone)], tmp_path)
+    run(["git", "clone", "-q", str(origin), str(clone)], tmp_path)
     assert not (clone / "models" / "model.pt").exists()  # git alone does not carry the results
-    _run(["dvc", "pull"], clone)
+    run(["dvc", "pull"], clone)
 
     assert _up_to_date(clone)
-    assert _stages_run(_run(["dvc", "repro"], clone)) == []
+    assert stages_run(run(["dvc", "repro"], clone)) == []
     for out in SHARED_OUTS:
         assert filecmp.cmp(origin / out, clone / out, shallow=False), out
 
@@ -54,18 +54,18 @@ def test_an_experiment_pushed_from_one_clone_is_pulled_and_applied_in_another(pu
     origin, _ = pushed
     alice, bob = tmp_path / "alice", tmp_path / "bob"
     for clone in (alice, bob):
-        _run(["git", "clone", "-q", str(origin), str(clone)], tmp_path)
-    _run(["dvc", "pull"], alice)
+        run(["git", "clone", "-q", str(origin), str(clone)], tmp_path)
+    run(["dvc", "pull"], alice)
     # An evaluate-only change keeps this test short; the outputs travel the same way whichever stage wrote them.
-    log = _run(["dvc", "exp", "run", "-n", "fewer-steps", "-S", "evaluate.faithfulness_steps=2"], alice)
-    assert _stages_run(log) == ["evaluate"]
-    _run(["dvc", "exp", "push", "origin", "fewer-steps"], alice)
+    log = run(["dvc", "exp", "run", "-n", "fewer-steps", "-S", "evaluate.faithfulness_steps=2"], alice)
+    assert stages_run(log) == ["evaluate"]
+    run(["dvc", "exp", "push", "origin", "fewer-steps"], alice)
 
-    _run(["dvc", "exp", "pull", "origin", "fewer-steps"], bob)
-    _run(["dvc", "exp", "apply", "fewer-steps"], bob)
+    run(["dvc", "exp", "pull", "origin", "fewer-steps"], bob)
+    run(["dvc", "exp", "apply", "fewer-steps"], bob)
     metrics = "metrics/evaluate/attention.json"  # the deletion/insertion scores
     assert not filecmp.cmp(origin / metrics, bob / metrics, shallow=False)  # the experiment's, not the commit's
     assert _up_to_date(bob)
-    assert _stages_run(_run(["dvc", "repro"], bob)) == []
+    assert stages_run(run(["dvc", "repro"], bob)) == []
     for out in SHARED_OUTS:
         assert filecmp.cmp(alice / out, bob / out, shallow=False), out

@@ -358,7 +358,7 @@ def test_prepare_prints_the_first_ten_files_it_did_not_use(tmp_path, monkeypatch
     assert lines[0].startswith("prepare: 10 images") and len(lines) == 12
     assert lines[1].startswith("  skipped sea/broken 0.jpg: not an image Pillow can identify")
     assert lines[9] == "  ignored forest/notes 0.txt: not an image file"
-    assert lines[11] == f"  ... and 3 more in data/prepared/report.json"
+    assert lines[11] == "  ... and 3 more in data/prepared/report.json"
 
 
 # ---------------------------------------------------------------------------- out of disk space

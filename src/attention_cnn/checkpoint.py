@@ -8,7 +8,6 @@ killed run leaves it behind, and the next run with the same fingerprint resumes 
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import random
@@ -20,7 +19,7 @@ import torch
 
 from attention_cnn.atomic import atomic_torch_save
 from attention_cnn.data.prepared import PreparedSplit
-from attention_cnn.params import Params
+from attention_cnn.params import Params, training_params
 
 CHECKPOINT_FORMAT = 2
 
@@ -29,9 +28,8 @@ def fingerprint(params: Params, train_split: PreparedSplit, val_split: PreparedS
                 code_files: Iterable[Path | str]) -> str:
     """What a checkpoint must match to be resumed: params, the prepared data, and the training code."""
     h = hashlib.sha256()
-    h.update(json.dumps({"seed": params.seed, "model": dataclasses.asdict(params.model),
-                         "train": dataclasses.asdict(params.train), "torch": torch.__version__},
-                        sort_keys=True).encode())
+    # Not the rendezvous keys: a new host for node 0 resumes, and nodes that name it differently agree.
+    h.update(json.dumps({**training_params(params), "torch": torch.__version__}, sort_keys=True).encode())
     for split in (train_split, val_split):
         h.update(json.dumps({"classes": split.classes, "files": split.files}).encode())
         for tensor in (split.images, split.labels):

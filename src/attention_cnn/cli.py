@@ -1,18 +1,21 @@
 """`attention-cnn`: the command line. `attention-cnn --help` lists every command.
 
     attention-cnn predict --model models/model.pt --images FOLDER --out DIR   classify any folder of images
+    attention-cnn train [--node-rank K]                                       the train stage, outside DVC
     attention-cnn evaluate                                                    the evaluate stage, outside DVC
     attention-cnn visualize                                                   the visualize stage, outside DVC
 
-evaluate and visualize read params.yaml and write exactly what their DVC stages write (`dvc repro` is the
-usual way to run them; these are for a quick look after changing only code).
+train, evaluate and visualize read params.yaml and write exactly what their DVC stages write (`dvc repro` is
+the usual way to run them; these are for a quick look after changing only code). With train.nnodes > 1,
+`attention-cnn train --node-rank K` on machine K joins the run that `dvc repro` started on the first machine.
 """
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-from attention_cnn.errors import exit_on_user_error
+from attention_cnn.errors import UserError, exit_on_user_error
 from attention_cnn.params import VisualizeParams, load_params
 
 
@@ -21,6 +24,23 @@ def _predict(args: argparse.Namespace) -> None:
 
     predict_folder(args.model, args.images, args.out, top_k=args.top_k, batch_size=args.batch_size,
                    figures=not args.no_figures, colormap=args.colormap, alpha=args.alpha, workers=args.workers)
+
+
+def _train(args: argparse.Namespace) -> None:
+    from attention_cnn.distributed import launch_under_torchrun
+    from attention_cnn.train import train
+
+    params = load_params(args.params)
+    nnodes = params.train.nnodes
+    if not 0 <= args.node_rank < nnodes:
+        raise UserError(f"--node-rank {args.node_rank}: {args.params} has train.nnodes={nnodes}, so the node rank "
+                        f"must be 0..{nnodes - 1} (0 is the machine that runs `dvc repro`).")
+    # Every torchrun worker runs this same command, and so reads the same files.
+    launch_under_torchrun(params.train, node_rank=args.node_rank, worker=[
+        "--module", "attention_cnn.cli", "train", "--node-rank", str(args.node_rank), "--params", args.params,
+        "--prepared", args.prepared, "--model", args.model, "--metrics-dir", args.metrics_dir])
+    train(params, prepared_dir=args.prepared, model_path=args.model,
+          checkpoint_dir=Path(args.model).parent / ".checkpoints", metrics_dir=args.metrics_dir)
 
 
 def _evaluate(args: argparse.Namespace) -> None:
@@ -39,10 +59,27 @@ def _visualize(args: argparse.Namespace) -> None:
     print(f"visualize: {len(result.image_files)} images and {len(result.grid_files)} class grids -> {args.out}/")
 
 
+def _add_train(commands: argparse._SubParsersAction) -> None:
+    train = commands.add_parser(
+        "train", help="the train stage; --node-rank K joins a several-machine run (train.nnodes) as machine K",
+        description="The train stage, outside DVC: writes --model and --metrics-dir (process 0 only). With "
+                    "train.nnodes > 1 in params.yaml, run it with --node-rank K on machine K = 1.. while "
+                    "`dvc repro` runs node 0 on the first machine, at train.rdzv_endpoint.")
+    train.add_argument("--node-rank", type=int, default=0,
+                       help="this machine's number, 0..train.nnodes-1 (default: %(default)s)")
+    train.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
+    train.add_argument("--prepared", default="data/prepared", help="prepared splits (default: %(default)s)")
+    train.add_argument("--model", default="models/model.pt", help="model written by rank 0; the checkpoint goes "
+                                                                  "beside it, in .checkpoints/ (default: %(default)s)")
+    train.add_argument("--metrics-dir", default="metrics/train",
+                       help="DVCLive folder, written by rank 0 (default: %(default)s)")
+    train.set_defaults(run=_train)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="attention-cnn",
-        description="A CNN with learned soft attention: predict on any folder, evaluate, visualize.")
+        description="A CNN with learned soft attention: predict on any folder, train, evaluate, visualize.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     predict = commands.add_parser(
@@ -62,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="overlay opacity of the figures (default: %(default)s)")
     predict.add_argument("--workers", type=int, default=0, help="decode processes; 0 = one per core (default)")
     predict.set_defaults(run=_predict)
+
+    _add_train(commands)
 
     for name, run, helptext in (("evaluate", _evaluate, "the evaluate stage: test metrics, attention quality, "
                                                         "confusion matrix, misclassified gallery"),

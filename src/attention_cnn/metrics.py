@@ -78,7 +78,6 @@ def expected_calibration_error(confidence: torch.Tensor, correct: torch.Tensor, 
     confidence = confidence.double()
     # ceil(c * bins) - 1 puts c in (i/bins, (i+1)/bins] into bin i; clamp keeps c == 0 in bin 0.
     bin_index = (torch.ceil(confidence * bins).long() - 1).clamp(0, bins - 1)
-    count = torch.bincount(bin_index, minlength=bins).double()
     conf_sum = torch.bincount(bin_index, weights=confidence, minlength=bins)
     correct_sum = torch.bincount(bin_index, weights=correct.double(), minlength=bins)
     gap = (correct_sum - conf_sum).abs()  # = count * |acc - conf| per bin

@@ -47,6 +47,16 @@ def _bool() -> dict:
     return {"kind": bool}
 
 
+def _endpoint() -> dict:
+    return {"kind": str, "endpoint": True}
+
+
+def _is_endpoint(value: str) -> bool:
+    """host:port, the host a name, an IPv4 address or a bracketed IPv6 address: what torchrun accepts."""
+    host, colon, port = value.rpartition(":")
+    return bool(colon and host and " " not in host and port.isdigit() and 1 <= int(port) <= 65_535)
+
+
 @dataclass(frozen=True)
 class SampleParams:
     images_per_class: int = field(default=200, metadata=_int(6, 100_000))
@@ -84,6 +94,9 @@ class TrainParams:
     device: str = field(default="auto", metadata=_choice(*DEVICES))
     compile: bool = field(default=False, metadata=_bool())
     nproc: int = field(default=1, metadata=_int(1, 1024))
+    nnodes: int = field(default=1, metadata=_int(1, 1024))
+    rdzv_endpoint: str = field(default="", metadata=_endpoint())
+    rdzv_timeout: int = field(default=300, metadata=_int(1, 86_400))
 
 
 @dataclass(frozen=True)
@@ -118,8 +131,21 @@ class Params:
         return source if source.is_absolute() else Path(root) / source
 
 
+# Where and how long the machines of a several-machine run wait for each other: not what they compute. dvc.yaml
+# leaves them out, and neither a resume nor the check that all nodes run the same job looks at them.
+RENDEZVOUS_KEYS = ("rdzv_endpoint", "rdzv_timeout")
+
+
+def training_params(params: Params) -> dict:
+    """The params that decide the trained weights, beside the data: seed, model and train."""
+    train = {k: v for k, v in dataclasses.asdict(params.train).items() if k not in RENDEZVOUS_KEYS}
+    return {"seed": params.seed, "model": dataclasses.asdict(params.model), "train": train}
+
+
 def _describe(spec: dict) -> str:
     kind = spec["kind"]
+    if spec.get("endpoint"):
+        return "host:port of the first machine (e.g. 10.0.0.1:29500), or \"\" when train.nnodes is 1"
     if "choices" in spec:
         return "one of " + ", ".join(repr(c) for c in spec["choices"])
     if kind is bool:
@@ -147,6 +173,8 @@ def _check_value(key: str, value: Any, spec: dict) -> Any:
     elif kind is float:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         value = float(value) if ok else value
+    elif spec.get("endpoint"):
+        ok = isinstance(value, str) and (value == "" or _is_endpoint(value))
     else:
         ok = isinstance(value, str) and value != ""
     if ok and "choices" in spec:
@@ -192,6 +220,10 @@ def parse_params(raw: Any) -> Params:
     if params.data.val_fraction + params.data.test_fraction >= 0.9:
         raise ParamsError("params.yaml: 'data.val_fraction' + 'data.test_fraction' must be < 0.9 so that "
                           f"training keeps data, got {params.data.val_fraction} + {params.data.test_fraction}.")
+    if params.train.nnodes > 1 and not params.train.rdzv_endpoint:
+        raise ParamsError(f"params.yaml: 'train.nnodes' is {params.train.nnodes}, so 'train.rdzv_endpoint' must be "
+                          f"host:port of the first machine, where the others join it (e.g. "
+                          f"`dvc exp run -S train.rdzv_endpoint=10.0.0.1:29500`).")
     return params
 
 

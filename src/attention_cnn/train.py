@@ -30,8 +30,8 @@ from tqdm import tqdm
 from attention_cnn.checkpoint import (CHECKPOINT_FORMAT, checkpoint_path, fingerprint, read_checkpoint,
                                       remove_checkpoint, rng_state, save_checkpoint, set_rng_state)
 from attention_cnn.data.prepared import PreparedSplit, load_split
-from attention_cnn.distributed import (Dist, all_reduce_sum, broadcast_buffers, gather_objects, kernel_settings,
-                                       setup_distributed, shut_down, wrap_for_steps)
+from attention_cnn.distributed import (Dist, all_reduce_sum, broadcast_buffers, broadcast_from_main, check_same_run,
+                                       gather_objects, kernel_settings, setup_distributed, shut_down, wrap_for_steps)
 from attention_cnn.epoch import BatchSource, draw_augmentation, fits_on_device, train_epoch, validation_totals
 from attention_cnn.errors import UserError
 from attention_cnn.memory import check_model_fits
@@ -189,7 +189,7 @@ def train(params: Params, prepared_dir: Path | str = "data/prepared", model_path
     """Train on `prepared_dir`'s train split, select on val, write the best model and metrics.
 
     The checkpoint goes to `checkpoint_dir`, named by the run's fingerprint, and is removed once the model is
-    written. Under torchrun (train.nproc > 1) every process calls this; rank 0 alone writes files.
+    written. Under torchrun (train.nproc or train.nnodes > 1) every process calls this; rank 0 alone writes files.
     `on_epoch_end` runs after each epoch's checkpoint is written (progress reporting; tests use it to
     simulate a kill). `resident` overrides where the splits live: True on the device, False streamed from host
     memory, None as `fits_on_device` decides (the results are the same either way).
@@ -228,10 +228,13 @@ def _train(params: Params, ctx: Dist, prepared_dir: Path, model_path: Path, chec
     run = _build_run(params, ctx, train_split, val_split, per_rank, progress, resident, say)
 
     run_fingerprint = fingerprint(params, train_split, val_split, _TRAINING_CODE)
+    check_same_run(run_fingerprint, params, ctx)
     saved_at = checkpoint_path(checkpoint_dir, run_fingerprint)
     state = TrainingState(params.train.patience, params.train.epochs)
     metrics = _Metrics(metrics_dir if ctx.is_main else None)
-    best_weights = _resume(run, state, metrics, read_checkpoint(saved_at, run_fingerprint, say), saved_at, say)
+    # Rank 0's checkpoint for every rank: the other machines of a several-machine run have none on their disk.
+    saved = broadcast_from_main(read_checkpoint(saved_at, run_fingerprint, say) if ctx.is_main else None, ctx)
+    best_weights = _resume(run, state, metrics, saved, saved_at, say)
     resumed_from = len(state.history)
     run.step_model = _step_model(run.net, ctx, params.train.compile)
 
@@ -265,7 +268,7 @@ def _images_per_rank(num_train: int, ctx: Dist, prepared_dir: Path) -> int:
     per_rank = num_train // ctx.world_size
     if per_rank == 0:
         raise UserError(f"{prepared_dir}: {num_train} training images cannot be shared by "
-                        f"train.nproc={ctx.world_size} processes. Lower train.nproc.")
+                        f"{ctx.world_size} processes (train.nnodes × train.nproc). Lower train.nproc.")
     return per_rank
 
 
