@@ -159,6 +159,7 @@ GNU_TIME = Path("/usr/bin/time")
 class StageRun:
     images: int
     wall: float     # seconds, interpreter and torch start-up included
+    cpu: float      # user + system CPU seconds, decode workers included: what other jobs do not inflate
     peak_mb: float  # "Maximum resident set size" as /usr/bin/time -v reports it
 
 
@@ -180,8 +181,10 @@ def run_stage(checkout: Path, source: Path, images: int, img_size: int, workers:
     if done.returncode != 0:
         raise SystemExit(f"bench: prepare from {checkout} failed:\n{done.stdout}{done.stderr}")
     peak_kb = re.search(r"Maximum resident set size \(kbytes\): (\d+)", done.stderr)
+    cpu = sum(float(re.search(rf"{kind} time \(seconds\): ([\d.]+)", done.stderr).group(1))
+              for kind in ("User", "System"))
     shutil.rmtree(repo)
-    return StageRun(images, wall, int(peak_kb.group(1)) / 1024)
+    return StageRun(images, wall, cpu, int(peak_kb.group(1)) / 1024)
 
 
 def startup_seconds(checkout: Path) -> float:
@@ -241,14 +244,14 @@ def report_scale(rows: list, startup: float, args: argparse.Namespace) -> None:
           f"are noisy when other jobs run. 'net': wall time less the start-up (interpreter and imports, "
           f"{startup:.1f} s), against the Pillow loop's")
     print(f"{'images':>8}{'pixels MB':>11}  {'who':<14}{'peak RSS MB':>12}{'wall s':>9}{'net img/s':>11}"
-          f"{'net vs loop':>13}")
+          f"{'net vs loop':>13}{'CPU s':>8}")
     for ours, old, loop in rows:
         pixels = ours.images * 3 * args.img_size_scale ** 2 / 2**20
         for who, run in (("this checkout", ours), ("compare-repo", old)):
             if run is not None:
                 net = max(run.wall - startup, 1e-9)
                 print(f"{run.images:>8}{pixels:>11.0f}  {who:<14}{run.peak_mb:>12.0f}{run.wall:>9.1f}"
-                      f"{run.images / net:>11.0f}{loop / net:>12.2f}x")
+                      f"{run.images / net:>11.0f}{loop / net:>12.2f}x{run.cpu:>8.1f}")
         print(f"{ours.images:>8}{pixels:>11.0f}  {'Pillow loop':<14}{'':>12}{loop:>9.1f}{ours.images / loop:>11.0f}")
 
 
