@@ -76,22 +76,29 @@ def save_split_streamed(prepared_dir: Path | str, split: str, images: Rows, labe
                         masks: Rows | None, files: list[str], classes: list[str]) -> Path:
     """Write one split atomically, byte-identical to `save_split` of the same tensors, holding one chunk."""
     path = split_path(prepared_dir, split)
+    labels = labels.contiguous()
     with atomic_file(path) as tmp:
-        backing = [tmp.with_name(f"{tmp.name}.placeholder-{name}") for name in ("images", "masks")]
-        try:
-            blob = {"images": _placeholder(backing[0], images.shape), "labels": labels.contiguous(),
-                    "masks": _placeholder(backing[1], masks.shape) if masks is not None else None,
-                    "files": list(files), "classes": list(classes)}
-            # torch.save names the archive's records after the file, so tmp must be `<split>.pt.tmp` like
-            # atomic_torch_save's, and numbers the storages in the order its pickler meets them: the dict's.
-            with torch.serialization.skip_data():
-                torch.save(blob, tmp)
-        finally:
-            for placeholder in backing:
-                placeholder.unlink(missing_ok=True)
-        label_bytes = labels.contiguous().numpy().tobytes()
+        _save_without_data(tmp, {"images": images.shape, "labels": labels,
+                                 "masks": masks.shape if masks is not None else None,
+                                 "files": list(files), "classes": list(classes)})
+        label_bytes = labels.numpy().tobytes()
         _fill_storages(tmp, [images.chunks, lambda: [label_bytes]] + ([masks.chunks] if masks is not None else []))
     return path
+
+
+def _save_without_data(tmp: Path, blob: dict) -> None:
+    """torch.save of `blob` with every storage's bytes left out, the shapes in it standing for uint8 tensors.
+    torch.save names the archive's records after the file, so `tmp` must be named `<split>.pt.tmp` as
+    atomic_torch_save's is; it numbers the storages in the order its pickler meets them: the dict's."""
+    backing = {key: tmp.with_name(f"{tmp.name}.placeholder-{key}") for key, value in blob.items()
+               if isinstance(value, tuple)}
+    try:
+        placeholders = {key: _placeholder(path, blob[key]) for key, path in backing.items()}
+        with torch.serialization.skip_data():
+            torch.save({**blob, **placeholders}, tmp)
+    finally:
+        for path in backing.values():
+            path.unlink(missing_ok=True)
 
 
 def _placeholder(backing: Path, shape: tuple[int, ...]) -> torch.Tensor:
@@ -125,8 +132,9 @@ class _Record:
 
 
 def _records(f: BinaryIO) -> list[_Record]:
-    infos = zipfile.ZipFile(f).infolist()  # in the order written
-    f.seek(zipfile.ZipFile(f).start_dir)
+    archive = zipfile.ZipFile(f)
+    infos = archive.infolist()  # in the order written
+    f.seek(archive.start_dir)   # the central directory: one entry per record, in the same order
     records = []
     for info in infos:
         central = f.tell()
