@@ -24,6 +24,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/prepare.py
+	$(BIN)/python bench/prepare.py --scale 5000 20000
 	$(BIN)/python bench/train.py
 
 clean-venv:

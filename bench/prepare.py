@@ -160,7 +160,7 @@ class StageRun:
     images: int
     wall: float     # seconds, interpreter and torch start-up included
     cpu: float      # user + system CPU seconds, decode workers included: what other jobs do not inflate
-    peak_mb: float  # "Maximum resident set size" as /usr/bin/time -v reports it
+    peak_mib: float  # "Maximum resident set size" as /usr/bin/time -v reports it (in KiB there)
 
 
 def run_stage(checkout: Path, source: Path, images: int, img_size: int, workers: int, work: Path) -> StageRun:
@@ -230,8 +230,8 @@ def scale(args: argparse.Namespace) -> None:
             old = (run_stage(compare, source, images, args.img_size_scale, args.workers, tmp)
                    if compare and images <= args.compare_max else None)
             rows.append((ours, old, loop))
-            print(f"  {images}: this checkout {ours.peak_mb:.0f} MB, {ours.wall:.1f} s"
-                  + (f"; {compare} {old.peak_mb:.0f} MB, {old.wall:.1f} s" if old else "")
+            print(f"  {images}: this checkout {ours.peak_mib:.0f} MiB, {ours.wall:.1f} s"
+                  + (f"; {compare} {old.peak_mib:.0f} MiB, {old.wall:.1f} s" if old else "")
                   + f"; Pillow loop {loop:.1f} s", flush=True)
             shutil.rmtree(source)
     report_scale(rows, startup, args)
@@ -243,16 +243,16 @@ def report_scale(rows: list, startup: float, args: argparse.Namespace) -> None:
           f"{args.img_size_scale}; prepare workers {resolve_workers(args.workers)}; one run each, so wall times "
           f"are noisy when other jobs run. 'net': wall time less the start-up (interpreter and imports, "
           f"{startup:.1f} s), against the Pillow loop's")
-    print(f"{'images':>8}{'pixels MB':>11}  {'who':<14}{'peak RSS MB':>12}{'wall s':>9}{'net img/s':>11}"
+    print(f"{'images':>8}{'pixels GB':>11}  {'who':<14}{'peak RSS MiB':>13}{'wall s':>9}{'net img/s':>11}"
           f"{'net vs loop':>13}{'CPU s':>8}")
     for ours, old, loop in rows:
-        pixels = ours.images * 3 * args.img_size_scale ** 2 / 2**20
+        pixels = ours.images * 3 * args.img_size_scale ** 2 / 1e9
         for who, run in (("this checkout", ours), ("compare-repo", old)):
             if run is not None:
                 net = max(run.wall - startup, 1e-9)
-                print(f"{run.images:>8}{pixels:>11.0f}  {who:<14}{run.peak_mb:>12.0f}{run.wall:>9.1f}"
+                print(f"{run.images:>8}{pixels:>11.2f}  {who:<14}{run.peak_mib:>13.0f}{run.wall:>9.1f}"
                       f"{run.images / net:>11.0f}{loop / net:>12.2f}x{run.cpu:>8.1f}")
-        print(f"{ours.images:>8}{pixels:>11.0f}  {'Pillow loop':<14}{'':>12}{loop:>9.1f}{ours.images / loop:>11.0f}")
+        print(f"{ours.images:>8}{pixels:>11.2f}  {'Pillow loop':<14}{'':>13}{loop:>9.1f}{ours.images / loop:>11.0f}")
 
 
 def main() -> None:
