@@ -255,7 +255,7 @@ def report_scale(rows: list, startup: float, args: argparse.Namespace) -> None:
         print(f"{ours.images:>8}{pixels:>11.2f}  {'Pillow loop':<14}{'':>13}{loop:>9.1f}{ours.images / loop:>11.0f}")
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=3000, help="150x150 JPEGs, as in the Intel set")
     parser.add_argument("--photos", type=int, default=60, help="1600x1200 JPEGs, as from a camera (0: skip)")
@@ -270,13 +270,11 @@ def main() -> None:
     parser.add_argument("--compare-repo", help="scale mode: a checkout whose stage runs too (e.g. the old code)")
     parser.add_argument("--compare-max", type=int, default=20000, help="scale mode: largest count for it")
     parser.add_argument("--tmp", help="scale mode: where the fixture goes (default: the system's temp folder)")
-    args = parser.parse_args()
-    torch.set_num_threads(2)
-    if args.scale:
-        scale(args)
-        return
-    load_before = os.getloadavg()[0]
+    return parser.parse_args()
 
+
+def race_mode(args: argparse.Namespace) -> None:
+    load_before = os.getloadavg()[0]
     races, loads = [], []
     with tempfile.TemporaryDirectory(prefix="bench-prepare-") as tmp:
         tmp = Path(tmp)
@@ -303,7 +301,10 @@ def main() -> None:
             save_split(tmp / "synthetic", "train", synthetic)
             del synthetic, pattern
             loads.append(time_load(tmp / "synthetic", "train"))
+    report_races(races, loads, load_before, args)
 
+
+def report_races(races: list[Race], loads: list[LoadTiming], load_before: float, args: argparse.Namespace) -> None:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     print(f"\nmachine: {cores} CPU cores, load average {load_before:.1f} before and {os.getloadavg()[0]:.1f} after "
           f"(other jobs slow both contenders, the parallel one more); prepare workers: "
@@ -320,6 +321,15 @@ def main() -> None:
     for name, load in zip(("prepared Intel-like above", "synthetic"), loads):
         label = f"  {name}, {load.img_size} px"
         print(f"{label:<44}{load.images:>8}{load.load:>10.3f}{load.touch:>14.3f}")
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(2)
+    if args.scale:
+        scale(args)
+    else:
+        race_mode(args)
 
 
 if __name__ == "__main__":
