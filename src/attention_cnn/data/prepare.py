@@ -37,7 +37,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from attention_cnn.atomic import Owned, atomic_dir
-from attention_cnn.data.decode import Decoded, decode_image, parallel_map, resolve_workers
+from attention_cnn.data.decode import decode_image, parallel_map, resolve_workers
 from attention_cnn.data.discover import LAYOUT_CLASS_FOLDERS, MASKS_DIR, Discovery, discover
 from attention_cnn.data.prepared import SPLITS, PreparedSplit, Rows, load_split, save_split_streamed
 from attention_cnn.data.split import assign_splits, check_readable, find_duplicates, split_counts
@@ -56,18 +56,50 @@ PREPARED_FILES = Owned(sign="report.json", patterns=("*.pt", "report.json", "pre
 
 @dataclass(frozen=True)
 class _Task:
+    row: int                # where its pixels (and mask) go in the raw files
     path: str
     mask_path: str | None
 
 
-def _decode_task(task: _Task, img_size: int, policy: str) -> Decoded:
-    return decode_image(task.path, img_size, policy, task.mask_path)
+@dataclass(frozen=True)
+class _RawFiles:
+    pixels: Path            # row i = image i, (3, S, S) uint8; rows of skipped files are zero
+    masks: Path | None      # row i = mask i, (S, S) uint8, only when some file has a mask path
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    """What a worker sends back: its pixels went to the raw files, so only this crosses the process boundary."""
+    digest: str | None
+    error: str | None
+    mask_error: str | None
+    has_mask: bool
+
+
+def _write_row(path: Path, row: int, array: np.ndarray) -> None:
+    """Row `row` of a raw file of `array`-sized rows; a short write is retried, so a full disk raises its errno."""
+    data, offset = memoryview(np.ascontiguousarray(array)).cast("B"), row * array.nbytes
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        while data:
+            written = os.pwrite(fd, data, offset)
+            data, offset = data[written:], offset + written
+    finally:
+        os.close(fd)
+
+
+def _decode_task(task: _Task, img_size: int, policy: str, raw: _RawFiles) -> _Outcome:
+    decoded = decode_image(task.path, img_size, policy, task.mask_path)
+    if decoded.pixels is not None:
+        _write_row(raw.pixels, task.row, decoded.pixels)
+    if decoded.mask is not None:
+        _write_row(raw.masks, task.row, decoded.mask)
+    return _Outcome(decoded.digest, decoded.error, decoded.mask_error, decoded.mask is not None)
 
 
 @dataclass
 class _DecodedSet:
-    pixels: Path                # raw file: row i = image i, (3, S, S) uint8; rows of skipped files are zero
-    masks: Path | None          # raw file: row i = mask i, (S, S) uint8, only when some file has a mask path
+    raw: _RawFiles
     has_mask: np.ndarray        # (N,) bool
     digests: list[str | None]
     errors: list[str | None]
@@ -76,24 +108,24 @@ class _DecodedSet:
 
 def _decode_all(tasks: list[_Task], img_size: int, policy: str, workers: int, progress: bool,
                 scratch: Path) -> _DecodedSet:
-    """Decode every task, appending its pixels (and mask) to raw files in `scratch` as results arrive, so memory
-    holds a few images however many there are. Ordinary writes, not a memory map: pages written through a map
-    would stay in this process's resident set until it unmaps them."""
+    """Decode every task; each worker writes its pixels (and mask) straight into raw files in `scratch`, sized
+    up front (sparse), and sends back only the outcome. So memory holds a few images however many there are,
+    and the main process neither receives nor writes pixels. Ordinary writes, not a memory map: pages written
+    through a map would stay in the writer's resident set until it unmaps them."""
     n = len(tasks)
-    out = _DecodedSet(pixels=scratch / "images.raw",
-                      masks=scratch / "masks.raw" if any(t.mask_path for t in tasks) else None,
+    out = _DecodedSet(raw=_RawFiles(scratch / "images.raw", scratch / "masks.raw" if any(t.mask_path for t in tasks)
+                                    else None),
                       has_mask=np.zeros(n, bool), digests=[None] * n, errors=[None] * n, mask_errors=[None] * n)
-    no_pixels, no_mask = np.zeros((3, img_size, img_size), np.uint8), np.zeros((img_size, img_size), np.uint8)
-    decode = functools.partial(_decode_task, img_size=img_size, policy=policy)
+    for path, row_bytes in ((out.raw.pixels, 3 * img_size ** 2), (out.raw.masks, img_size ** 2)):
+        if path is not None:
+            with open(path, "wb") as f:
+                f.truncate(n * row_bytes)
+    decode = functools.partial(_decode_task, img_size=img_size, policy=policy, raw=out.raw)
     results = parallel_map(decode, tasks, min(resolve_workers(workers), n), "prepare: decode", progress)
-    # closing: a failed write (a full disk) ends the progress bar and the workers before the error is printed
-    with closing(results), open(out.pixels, "wb") as pixels, open(out.masks or os.devnull, "wb") as masks:
+    with closing(results):  # a failed write (a full disk) ends the progress bar and the workers before the error
         for i, result in enumerate(results):
             out.digests[i], out.errors[i], out.mask_errors[i] = result.digest, result.error, result.mask_error
-            pixels.write(result.pixels if result.pixels is not None else no_pixels)
-            if out.masks is not None:
-                masks.write(result.mask if result.mask is not None else no_mask)
-            out.has_mask[i] = result.mask is not None
+            out.has_mask[i] = result.has_mask
     return out
 
 
@@ -233,9 +265,9 @@ def _write_splits(build_dir: Path, found: Discovery, decoded: _DecodedSet, split
         members = sorted((i for i, s in split_of.items() if s == split),
                          key=lambda i: (found.images[i].label, found.images[i].rel))
         save_split_streamed(
-            build_dir, split, images=_rows(decoded.pixels, members, (3, img_size, img_size), chunk_bytes),
+            build_dir, split, images=_rows(decoded.raw.pixels, members, (3, img_size, img_size), chunk_bytes),
             labels=torch.tensor([found.images[i].label for i in members], dtype=torch.int64),
-            masks=_rows(decoded.masks, members, (img_size, img_size), chunk_bytes) if use_masks else None,
+            masks=_rows(decoded.raw.masks, members, (img_size, img_size), chunk_bytes) if use_masks else None,
             files=[found.images[i].rel for i in members], classes=found.classes)
         written = load_split(build_dir, split)  # a memory map: the preview reads only the rows it shows
         preview_grid(written).save(build_dir / f"preview_{split}.png", compress_level=1)  # 2x faster than 6
@@ -256,8 +288,8 @@ def prepare(params: Params, out_dir: Path | str = "data/prepared", root: Path | 
     source = params.source_path(root)
     found = discover(source)
     masks_root = source / MASKS_DIR
-    tasks = [_Task(str(source / img.rel), _mask_path(masks_root, img.rel) if masks_root.is_dir() else None)
-             for img in found.images]
+    tasks = [_Task(i, str(source / img.rel), _mask_path(masks_root, img.rel) if masks_root.is_dir() else None)
+             for i, img in enumerate(found.images)]
     with atomic_dir(out_dir, PREPARED_FILES) as build_dir:
         scratch = build_dir / ".decoded"
         scratch.mkdir()
