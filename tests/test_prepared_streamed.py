@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from attention_cnn.data.decode import decode_image
 from attention_cnn.data.prepare import prepare
 from attention_cnn.data.prepared import SPLITS, PreparedSplit, Rows, load_split, save_split, save_split_streamed
 from attention_cnn.params import parse_params
@@ -78,5 +79,9 @@ def test_prepare_in_tiny_chunks_writes_what_torch_save_writes(tmp_path):
             written.images.clone(), written.labels.clone(), written.masks.clone(), written.files, written.classes))
         tiny = (tmp_path / "tiny" / f"{split}.pt").read_bytes()
         assert tiny == plain.read_bytes() == (tmp_path / "default" / f"{split}.pt").read_bytes()
+        for k, rel in enumerate(written.files):  # each worker wrote its rows where they belong
+            expected = decode_image(tmp_path / "src" / rel, 16, "stretch", tmp_path / "src" / ".masks" / rel)
+            assert np.array_equal(written.images[k].numpy(), expected.pixels)
+            assert np.array_equal(written.masks[k].numpy(), expected.mask)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["default", "plain", "src", "tiny"]  # no build left
     assert not any(p.name.startswith(".") for p in (tmp_path / "tiny").iterdir())       # nor the raw files
