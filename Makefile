@@ -25,6 +25,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/prepare.py
+	$(BIN)/python bench/prepare.py --scale 5000 20000
 	$(BIN)/python bench/train.py
 
 # Re-inline vega, vega-lite and vega-embed into .dvc/offline_plots/ (needs npm); only when DVC's versions change.

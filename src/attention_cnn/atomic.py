@@ -147,13 +147,16 @@ def atomic_dir(final: Path | str, owned: Owned | None = None) -> Iterator[Path]:
         os.replace(build, final)
 
 
-def atomic_torch_save(obj: Any, path: Path | str) -> Path:
-    """`torch.save` under a temporary name, then rename: a kill leaves the previous file, never half a new one."""
+@contextmanager
+def atomic_file(path: Path | str) -> Iterator[Path]:
+    """Yield a temporary path `NAME.tmp` beside `path` to write; on success it replaces `path`, on failure it is
+    removed: a kill leaves the previous file, never half a new one. A write that ran out of space raises
+    DiskFullError, also when the writer (torch.save's C++ one) lost the errno."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     try:
-        torch.save(obj, tmp)  # by path: the archive's inner name comes from it, so the bytes stay stable
+        yield tmp
     except BaseException as exc:
         code = _space_errno(exc, tmp)
         tmp.unlink(missing_ok=True)
@@ -161,4 +164,10 @@ def atomic_torch_save(obj: Any, path: Path | str) -> Path:
             raise DiskFullError(code, path) from exc
         raise
     os.replace(tmp, path)
-    return path
+
+
+def atomic_torch_save(obj: Any, path: Path | str) -> Path:
+    """`torch.save` under a temporary name, then rename: a kill leaves the previous file, never half a new one."""
+    with atomic_file(path) as tmp:
+        torch.save(obj, tmp)  # by path: the archive's inner name comes from it, so the bytes stay stable
+    return Path(path)

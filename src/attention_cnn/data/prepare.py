@@ -14,7 +14,7 @@ cannot be decoded is skipped and listed with its reason; the run fails only on e
 
 The output folder holds train.pt, val.pt, test.pt (format: prepared.py), report.json and one preview PNG
 per split. It is built in a temporary folder next to it and renamed into place, so a failed run never
-leaves partial outputs.
+leaves partial outputs. Memory does not grow with the number of images: see `prepare`.
 
 Ground-truth masks: the mask of `<source>/<rel>.<ext>` is `<source>/.masks/<rel without ext>.png`. They
 get the same geometry as their image and are kept only when every kept image has one.
@@ -24,8 +24,12 @@ from __future__ import annotations
 
 import functools
 import json
+import os
+import shutil
+from contextlib import closing
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Iterator
 
 import matplotlib
 import numpy as np
@@ -33,13 +37,14 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from attention_cnn.atomic import Owned, atomic_dir
-from attention_cnn.data.decode import Decoded, decode_image, parallel_map, resolve_workers
+from attention_cnn.data.decode import decode_image, parallel_map, resolve_workers
 from attention_cnn.data.discover import LAYOUT_CLASS_FOLDERS, MASKS_DIR, Discovery, discover
-from attention_cnn.data.prepared import SPLITS, PreparedSplit, save_split
+from attention_cnn.data.prepared import SPLITS, PreparedSplit, Rows, load_split, save_split_streamed
 from attention_cnn.data.split import assign_splits, check_readable, find_duplicates, split_counts
 from attention_cnn.params import Params
 
 PREVIEW_PER_CLASS = 8
+CHUNK_BYTES = 16 * 2**20  # pixels held at once while a split is written; memory does not grow with the data
 CONSOLE_LIST = 10  # skipped and ignored files printed on the console; report.json lists them all
 # What a previous prepare wrote into its output folder; a folder holding anything else is never replaced.
 PREPARED_FILES = Owned(sign="report.json", patterns=("*.pt", "report.json", "preview_*.png"))
@@ -51,40 +56,95 @@ PREPARED_FILES = Owned(sign="report.json", patterns=("*.pt", "report.json", "pre
 
 @dataclass(frozen=True)
 class _Task:
+    row: int                # where its pixels (and mask) go in the raw files
     path: str
     mask_path: str | None
 
 
-def _decode_task(task: _Task, img_size: int, policy: str) -> Decoded:
-    return decode_image(task.path, img_size, policy, task.mask_path)
+@dataclass(frozen=True)
+class _RawFiles:
+    pixels: Path            # row i = image i, (3, S, S) uint8; rows of skipped files are zero
+    masks: Path | None      # row i = mask i, (S, S) uint8, only when some file has a mask path
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    """What a worker sends back: its pixels went to the raw files, so only this crosses the process boundary."""
+    digest: str | None
+    error: str | None
+    mask_error: str | None
+    has_mask: bool
+
+
+def _write_row(path: Path, row: int, array: np.ndarray) -> None:
+    """Row `row` of a raw file of `array`-sized rows; a short write is retried, so a full disk raises its errno."""
+    data, offset = memoryview(np.ascontiguousarray(array)).cast("B"), row * array.nbytes
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        while data:
+            written = os.pwrite(fd, data, offset)
+            data, offset = data[written:], offset + written
+    finally:
+        os.close(fd)
+
+
+def _decode_task(task: _Task, img_size: int, policy: str, raw: _RawFiles) -> _Outcome:
+    decoded = decode_image(task.path, img_size, policy, task.mask_path)
+    if decoded.pixels is not None:
+        _write_row(raw.pixels, task.row, decoded.pixels)
+    if decoded.mask is not None:
+        _write_row(raw.masks, task.row, decoded.mask)
+    return _Outcome(decoded.digest, decoded.error, decoded.mask_error, decoded.mask is not None)
 
 
 @dataclass
 class _DecodedSet:
-    pixels: np.ndarray          # (N, 3, S, S) uint8; rows of skipped files stay zero
-    masks: np.ndarray | None    # (N, S, S) uint8, allocated only when some file has a mask path
+    raw: _RawFiles
     has_mask: np.ndarray        # (N,) bool
     digests: list[str | None]
     errors: list[str | None]
     mask_errors: list[str | None]
 
 
-def _decode_all(tasks: list[_Task], img_size: int, policy: str, workers: int, progress: bool) -> _DecodedSet:
-    """Decode every task, filling preallocated arrays as results arrive (not a list of 14k results)."""
+def _decode_all(tasks: list[_Task], img_size: int, policy: str, workers: int, progress: bool,
+                scratch: Path) -> _DecodedSet:
+    """Decode every task; each worker writes its pixels (and mask) straight into raw files in `scratch`, sized
+    up front (sparse), and sends back only the outcome. So memory holds a few images however many there are,
+    and the main process neither receives nor writes pixels. Ordinary writes, not a memory map: pages written
+    through a map would stay in the writer's resident set until it unmaps them."""
     n = len(tasks)
-    out = _DecodedSet(pixels=np.zeros((n, 3, img_size, img_size), np.uint8),
-                      masks=np.zeros((n, img_size, img_size), np.uint8) if any(t.mask_path for t in tasks) else None,
+    out = _DecodedSet(raw=_RawFiles(scratch / "images.raw", scratch / "masks.raw" if any(t.mask_path for t in tasks)
+                                    else None),
                       has_mask=np.zeros(n, bool), digests=[None] * n, errors=[None] * n, mask_errors=[None] * n)
-    decode = functools.partial(_decode_task, img_size=img_size, policy=policy)
+    for path, row_bytes in ((out.raw.pixels, 3 * img_size ** 2), (out.raw.masks, img_size ** 2)):
+        if path is not None:
+            with open(path, "wb") as f:
+                f.truncate(n * row_bytes)
+    decode = functools.partial(_decode_task, img_size=img_size, policy=policy, raw=out.raw)
     results = parallel_map(decode, tasks, min(resolve_workers(workers), n), "prepare: decode", progress)
-    for i, result in enumerate(results):
-        out.digests[i], out.errors[i], out.mask_errors[i] = result.digest, result.error, result.mask_error
-        if result.pixels is not None:
-            out.pixels[i] = result.pixels
-        if result.mask is not None:
-            out.masks[i] = result.mask
-            out.has_mask[i] = True
+    with closing(results):  # a failed write (a full disk) ends the progress bar and the workers before the error
+        for i, result in enumerate(results):
+            out.digests[i], out.errors[i], out.mask_errors[i] = result.digest, result.error, result.mask_error
+            out.has_mask[i] = result.has_mask
     return out
+
+
+def _rows(raw: Path, members: list[int], row_shape: tuple[int, ...], chunk_bytes: int) -> Rows:
+    """Rows `members` of a raw file, in that order, read with pread into one reused chunk buffer."""
+    row_bytes = int(np.prod(row_shape))
+    per_chunk = max(1, chunk_bytes // row_bytes)
+
+    def chunks() -> Iterator[np.ndarray]:
+        buffer = np.empty((min(per_chunk, len(members)), *row_shape), np.uint8)
+        with open(raw, "rb", buffering=0) as f:
+            for start in range(0, len(members), per_chunk):
+                batch = members[start:start + per_chunk]
+                for row, i in zip(buffer, batch):
+                    if os.preadv(f.fileno(), [row], i * row_bytes) != row_bytes:
+                        raise RuntimeError(f"{raw}: shorter than the {len(members)} rows decoded into it")
+                yield buffer[:len(batch)]  # written out before the next chunk overwrites the buffer
+
+    return Rows((len(members), *row_shape), chunks)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -198,43 +258,51 @@ def _report(params: Params, found: Discovery, decoded: _DecodedSet, split_of: di
         notes=notes, out_dir=out_dir.as_posix())
 
 
-def _write_outputs(out_dir: Path, found: Discovery, decoded: _DecodedSet, split_of: dict[int, str],
-                   use_masks: bool, report: PrepareReport) -> None:
-    """Build everything in a hidden folder next to out_dir (same file system, so the final rename is atomic),
-    then swap it in. Any failure removes the build and leaves out_dir as it was."""
-    with atomic_dir(out_dir, PREPARED_FILES) as build_dir:
-        for split in SPLITS:
-            members = sorted((i for i, s in split_of.items() if s == split),
-                             key=lambda i: (found.images[i].label, found.images[i].rel))
-            data = PreparedSplit(
-                images=torch.from_numpy(decoded.pixels[members]),                      # (N, 3, S, S) uint8
-                labels=torch.tensor([found.images[i].label for i in members], dtype=torch.int64),
-                masks=torch.from_numpy(decoded.masks[members]) if use_masks else None,  # (N, S, S) uint8
-                files=[found.images[i].rel for i in members], classes=found.classes)
-            save_split(build_dir, split, data)
-            preview_grid(data).save(build_dir / f"preview_{split}.png", compress_level=1)  # 2x faster than 6
-        (build_dir / "report.json").write_text(json.dumps(asdict(report), indent=2, ensure_ascii=False) + "\n",
-                                               encoding="utf-8")
+def _write_splits(build_dir: Path, found: Discovery, decoded: _DecodedSet, split_of: dict[int, str],
+                  use_masks: bool, img_size: int, chunk_bytes: int) -> None:
+    """Each split's file from the decoded raw files, chunk by chunk, and its preview from the written file."""
+    for split in SPLITS:
+        members = sorted((i for i, s in split_of.items() if s == split),
+                         key=lambda i: (found.images[i].label, found.images[i].rel))
+        save_split_streamed(
+            build_dir, split, images=_rows(decoded.raw.pixels, members, (3, img_size, img_size), chunk_bytes),
+            labels=torch.tensor([found.images[i].label for i in members], dtype=torch.int64),
+            masks=_rows(decoded.raw.masks, members, (img_size, img_size), chunk_bytes) if use_masks else None,
+            files=[found.images[i].rel for i in members], classes=found.classes)
+        written = load_split(build_dir, split)  # a memory map: the preview reads only the rows it shows
+        preview_grid(written).save(build_dir / f"preview_{split}.png", compress_level=1)  # 2x faster than 6
+        del written
 
 
 def prepare(params: Params, out_dir: Path | str = "data/prepared", root: Path | str = ".",
-            progress: bool = True) -> PrepareReport:
+            progress: bool = True, chunk_bytes: int = CHUNK_BYTES) -> PrepareReport:
     """Decode params.data.source (relative to `root`) into out_dir: train/val/test.pt, report.json and the
-    previews. Raises UserError on input the user must fix, before anything is written."""
+    previews. Raises UserError on input the user must fix, leaving out_dir as it was.
+
+    Everything is built in a hidden folder next to out_dir (same file system, so the final rename is atomic),
+    then swapped in; any failure removes the build. Decoded pixels go to a raw file there first, because the
+    split of a file is known only once every file is decoded (a file that fails to decode changes its class'
+    draw); then each split is copied out of it `chunk_bytes` at a time. So memory stays flat whatever the
+    data's size, and the disk holds the decoded pixels twice until the raw file is removed."""
     out_dir = Path(out_dir)
     source = params.source_path(root)
     found = discover(source)
     masks_root = source / MASKS_DIR
-    tasks = [_Task(str(source / img.rel), _mask_path(masks_root, img.rel) if masks_root.is_dir() else None)
-             for img in found.images]
-    decoded = _decode_all(tasks, params.img_size, params.data.resize, params.data.workers, progress)
-
-    check_readable(found, decoded.errors)
-    kept = [i for i, error in enumerate(decoded.errors) if error is None]
-    split_of = assign_splits(found, kept, params.data.val_fraction, params.data.test_fraction, params.seed,
-                             decoded.digests)
-    # Masks are all or nothing: training code reads masks[i] for every i, so a partial set is reported, not used.
-    use_masks = masks_root.is_dir() and bool(decoded.has_mask[kept].all())
-    report = _report(params, found, decoded, split_of, masks_root.is_dir(), use_masks, out_dir)
-    _write_outputs(out_dir, found, decoded, split_of, use_masks, report)
+    tasks = [_Task(i, str(source / img.rel), _mask_path(masks_root, img.rel) if masks_root.is_dir() else None)
+             for i, img in enumerate(found.images)]
+    with atomic_dir(out_dir, PREPARED_FILES) as build_dir:
+        scratch = build_dir / ".decoded"
+        scratch.mkdir()
+        decoded = _decode_all(tasks, params.img_size, params.data.resize, params.data.workers, progress, scratch)
+        check_readable(found, decoded.errors)
+        kept = [i for i, error in enumerate(decoded.errors) if error is None]
+        split_of = assign_splits(found, kept, params.data.val_fraction, params.data.test_fraction, params.seed,
+                                 decoded.digests)
+        # Masks are all or nothing: training reads masks[i] for every i, so a partial set is reported, not used.
+        use_masks = masks_root.is_dir() and bool(decoded.has_mask[kept].all())
+        report = _report(params, found, decoded, split_of, masks_root.is_dir(), use_masks, out_dir)
+        _write_splits(build_dir, found, decoded, split_of, use_masks, params.img_size, chunk_bytes)
+        shutil.rmtree(scratch)
+        (build_dir / "report.json").write_text(json.dumps(asdict(report), indent=2, ensure_ascii=False) + "\n",
+                                               encoding="utf-8")
     return report
