@@ -18,7 +18,7 @@ Then load_split of the produced train split is timed, and of a synthetic Intel-s
 Scale mode: peak memory of the stage as a user runs it, for growing data (needs GNU time at /usr/bin/time;
 `apt-get install time` where it is missing):
 
-    .venv/bin/python bench/prepare.py --scale 5000 20000 100000 --compare-repo /work/baseline
+    .venv/bin/python bench/prepare.py --scale 5000 20000 100000 --compare-repo ../attention-cnn-old   # a clone of an older commit
 
 generates the largest count of Intel-like 150x150 JPEGs once (the smaller sets are hard links to its first
 files), then for each count runs `/usr/bin/time -v python stages/prepare.py` in a scratch repo at
