@@ -2,6 +2,8 @@
 
 import json
 import os
+import platform
+import resource
 import shutil
 import subprocess
 import sys
@@ -17,7 +19,7 @@ from attention_cnn.data.prepared import PreparedSplit, load_split, save_split
 from attention_cnn.errors import UserError
 from attention_cnn.model import AttentionCNN, load_model
 from attention_cnn.params import parse_params
-from attention_cnn.epoch import BatchSource, augment, train_epoch
+from attention_cnn.epoch import BatchSource, augment, reuse_freed_host_memory, train_epoch
 from attention_cnn.train import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -238,6 +240,22 @@ def test_early_stopping_keeps_the_best_epoch(prepared, tmp_path):
     assert result.epochs_run == result.best_epoch + 1
     saved = torch.load(tmp_path / "model.pt", weights_only=True)
     assert saved["classes"] == CLASSES
+
+
+def page_faults_of_a_second_big_tensor() -> int:
+    torch.ones(16 * 2**20)  # 64 MB, over glibc's largest mmap threshold; freed at once
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.ones(16 * 2**20)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the setting is glibc's mallopt")
+def test_training_on_cpu_reuses_freed_memory_instead_of_faulting_in_fresh_pages():
+    pages = 64 * 2**20 // resource.getpagesize()
+    assert page_faults_of_a_second_big_tensor() > pages // 2  # glibc's default: munmap, then fresh pages
+    with reuse_freed_host_memory(torch.device("cpu")):
+        assert page_faults_of_a_second_big_tensor() < pages // 100
+    assert page_faults_of_a_second_big_tensor() > pages // 2  # the process's defaults are back
 
 
 def test_augment_flips_and_shifts_whole_pixels_per_image():

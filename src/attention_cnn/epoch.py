@@ -4,6 +4,11 @@ streamed batch's refill of a host buffer whose previous copy is still in flight;
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import ctypes.util
+import platform
+
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -24,6 +29,40 @@ def fits_on_device(split_bytes: int, device: torch.device, fraction: float = RES
         return True
     free_bytes, _ = torch.cuda.mem_get_info(device)
     return split_bytes <= fraction * free_bytes
+
+
+# mallopt parameters, from glibc's malloc.h, and their defaults.
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+_GLIBC_DEFAULTS = {_M_TRIM_THRESHOLD: 128 * 1024, _M_MMAP_MAX: 65536}
+
+
+@contextlib.contextmanager
+def reuse_freed_host_memory(device: torch.device):
+    """On CPU with glibc, keep freed tensors' memory in the process for the next step to reuse.
+
+    glibc serves an allocation over 32 MB (its highest mmap threshold) with a fresh mmap and frees it with munmap,
+    so every step paid page faults for the big activations (at 64 px, 32 channels and batch 64 the first conv's
+    output and its gradients are 33.5 MB each): about 10k faults per step, 15 % of the CPU time. From the heap,
+    untrimmed, the same pages come back every step. Only where the memory lives changes, so results do not.
+    """
+    libc = _glibc() if device.type == "cpu" else None
+    if libc is None:
+        yield
+        return
+    libc.mallopt(_M_MMAP_MAX, 0)
+    libc.mallopt(_M_TRIM_THRESHOLD, 2**30)
+    try:
+        yield
+    finally:
+        for param, value in _GLIBC_DEFAULTS.items():
+            libc.mallopt(param, value)
+        libc.malloc_trim(0)  # give back what the run kept
+
+
+def _glibc() -> ctypes.CDLL | None:
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
 
 
 class BatchSource:
