@@ -269,6 +269,30 @@ def test_augment_flips_and_shifts_whole_pixels_per_image():
     assert torch.equal(augment(x, torch.tensor([False, False]), torch.zeros(2, 2, dtype=torch.long)), x)
 
 
+def grid_sample_augment(x: torch.Tensor, flip: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """The same flip and shift as a nearest-neighbour, reflection-padded affine resampling (what `augment` did
+    before it became a gather): the reference the gather must reproduce pixel for pixel."""
+    B, _, H, W = x.shape
+    theta = torch.zeros(B, 2, 3)
+    theta[:, 0, 0] = 1 - 2 * flip.float()
+    theta[:, 1, 1] = 1
+    theta[:, 0, 2] = shift[:, 0] * (2 / W)
+    theta[:, 1, 2] = shift[:, 1] * (2 / H)
+    grid = torch.nn.functional.affine_grid(theta, [B, 3, H, W], align_corners=False)
+    return torch.nn.functional.grid_sample(x, grid, mode="nearest", padding_mode="reflection", align_corners=False)
+
+
+@pytest.mark.parametrize("size", [16, 15, 64])
+def test_augment_picks_the_pixels_of_a_reflection_padded_affine_resampling(size):
+    g = torch.Generator().manual_seed(size)
+    x = torch.randint(0, 256, (40, 3, size, size), generator=g, dtype=torch.uint8)
+    flip = torch.rand(40, generator=g) < 0.5
+    shift = torch.randint(-size // 2, size // 2 + 1, (40, 2), generator=g)  # up to train.max_shift's limit, 0.5
+    y = augment(x, flip, shift)
+    assert y.dtype == torch.uint8 and y.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(y, grid_sample_augment(x.float(), flip, shift).to(torch.uint8))
+
+
 @pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None,
                     reason="torch.compile on CPU needs a C++ compiler")
 def test_compiled_training_matches_eager(prepared, tmp_path):
