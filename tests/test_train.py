@@ -254,7 +254,9 @@ def test_training_on_cpu_reuses_freed_memory_instead_of_faulting_in_fresh_pages(
     pages = 64 * 2**20 // resource.getpagesize()
     assert page_faults_of_a_second_big_tensor() > pages // 2  # glibc's default: munmap, then fresh pages
     with reuse_freed_host_memory(torch.device("cpu")):
-        assert page_faults_of_a_second_big_tensor() < pages // 100
+        # Steady state, as in training: the first rounds may still land on heap pages a past trim gave back.
+        faults = [page_faults_of_a_second_big_tensor() for _ in range(4)]
+        assert faults[-1] < pages // 100, faults
     assert page_faults_of_a_second_big_tensor() > pages // 2  # the process's defaults are back
 
 
