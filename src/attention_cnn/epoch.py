@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
+import functools
 import platform
 
 import torch
@@ -60,10 +60,11 @@ def reuse_freed_host_memory(device: torch.device):
         libc.malloc_trim(0)  # give back what the run kept
 
 
+@functools.cache
 def _glibc() -> ctypes.CDLL | None:
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return None
-    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    return ctypes.CDLL("libc.so.6")  # glibc's soname on every Linux architecture it supports
 
 
 class BatchSource:
