@@ -3,6 +3,7 @@
     .venv/bin/python bench/train.py                      # CPU, 64 px, ~2-3 minutes on 2 cores
     .venv/bin/python bench/train.py --device cuda --img-size 150 --batch-size 512 --compile --images 14000
     bash bench/gpu_check.sh                              # the whole GPU check, on a machine with a GPU
+    .venv/bin/python bench/train.py --profile            # CPU: where a step's time goes, at 32 and 128 channels
 
 The fixture is generated in a temporary folder: class-dependent images (oriented stripes, a frequency and an
 angle per class, random phase, tint and noise), written as 150x150 JPEGs like the Intel set the seed used.
@@ -14,7 +15,7 @@ angle per class, random phase, tint and noise), written as 150x150 JPEGs like th
     seed   the seed's recipe: dense attention, fp32, batch 32, 128 channels, Adam, and a torch DataLoader
            that decodes every JPEG each epoch (Pillow + torchvision Resize/ToTensor).
 It also measures this machine's matmul peak (a big torch.mm) and reports our achieved FLOP/s as a share of it
-(FLOPs of one forward counted by torch's FlopCounterMode, times 3 for forward + backward), and (on CPU) trains
+(FLOPs of a training step, forward and backward, counted by torch's FlopCounterMode), and (on CPU) trains
 once at img_size 150 in a child process to report its peak RSS, and shows the seed's dense layer being refused.
 Other jobs on a shared machine make wall-clock numbers noisy: run it twice and keep the better.
 """
@@ -39,7 +40,11 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision import transforms
 
-from attention_cnn.data.prepared import PreparedSplit, save_split
+from tqdm import tqdm
+
+from attention_cnn.data.prepared import PreparedSplit, load_split, save_split
+from attention_cnn.distributed import kernel_settings
+from attention_cnn.epoch import BatchSource, draw_augmentation, reuse_freed_host_memory, train_epoch
 from attention_cnn.errors import UserError
 from attention_cnn.memory import check_model_fits
 from attention_cnn.model import AttentionCNN
@@ -201,11 +206,50 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats
 
 
 def train_flops_per_image(model_params: ModelParams, img_size: int, classes: int) -> float:
+    """FLOPs of one training step per image, forward and backward, as torch's FlopCounterMode counts them
+    (convolutions and matrix products; the elementwise ops are not counted). Counted, not taken as 3 x forward:
+    the first conv's backward computes no gradient for the input images, so 3 x forward overstates a step by
+    about 8 % at 32 channels."""
     model = AttentionCNN(classes, img_size, model_params)
+    images, labels = torch.rand(2, 3, img_size, img_size), torch.arange(2) % classes
     counter = FlopCounterMode(display=False)
     with counter:
-        model(torch.rand(1, 3, img_size, img_size))
-    return 3 * counter.get_total_flops()  # backward costs about twice the forward
+        F.cross_entropy(model(images).logits, labels).backward()
+    return counter.get_total_flops() / len(labels)
+
+
+def profile_steps(prepared: Path, args, channels: int, top: int = 12) -> None:
+    """Where a CPU training step spends its time: torch.profiler over one pass of train_epoch (after a warm-up
+    pass), set up as attention_cnn.train sets it up; ops grouped by name, each one's self time as a share of the
+    pass's wall time."""
+    split = load_split(prepared, "train")
+    device = torch.device("cpu")
+    tp = TrainParams(batch_size=args.batch_size)
+    steps = min(args.profile_steps, len(split) // tp.batch_size)
+    with kernel_settings(device), reuse_freed_host_memory(device):
+        torch.manual_seed(0)
+        net = AttentionCNN(len(split.classes), split.img_size, ModelParams(channels=channels))
+        net.to(memory_format=torch.channels_last)
+        optimizer = torch.optim.Adam(net.parameters(), lr=tp.lr, weight_decay=tp.weight_decay)
+        source = BatchSource(split.images, split.labels, device, resident=True)
+        order = torch.randperm(len(split))[:steps * tp.batch_size]
+        flip, shift = draw_augmentation(order.numel(), split.img_size, tp.max_shift, torch.Generator())
+        bar = tqdm(disable=True)
+        train_epoch(net, optimizer, source, order, flip, shift, tp, bar)  # warm-up: oneDNN picks its kernels
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+            started = time.perf_counter()
+            train_epoch(net, optimizer, source, order, flip, shift, tp, bar)
+            wall_us = 1e6 * (time.perf_counter() - started)
+    ops = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    print(f"\n== profile: {channels} channels, batch {tp.batch_size}, {steps} steps, "
+          f"{order.numel() / wall_us * 1e6:,.0f} images/s while profiled")
+    print("| op | share of step time | calls per step |\n| --- | --- | --- |")
+    for op in ops[:top]:
+        print(f"| {op.key} | {100 * op.self_cpu_time_total / wall_us:.1f} % | {op.count / steps:g} |")
+    rest = sum(op.self_cpu_time_total for op in ops[top:])
+    print(f"| all other ops ({len(ops) - top}) | {100 * rest / wall_us:.1f} % | |")
+    print(f"| outside any op (Python, autograd bookkeeping) | "
+          f"{100 * (wall_us - sum(op.self_cpu_time_total for op in ops)) / wall_us:.1f} % | |")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -252,6 +296,9 @@ def main() -> None:
     parser.add_argument("--seed-width", action="store_true", help="also time ours at the seed's 128 channels")
     parser.add_argument("--no-150", action="store_true", help="skip the img_size 150 memory check")
     parser.add_argument("--images-150", type=int, default=640, help="images of the 150 px run")
+    parser.add_argument("--profile", type=int, nargs="*", metavar="CHANNELS",
+                        help="CPU: only profile a training step at these widths (default: ours and the seed's)")
+    parser.add_argument("--profile-steps", type=int, default=8, help="steps profiled with --profile")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device("cuda" if args.device == "cuda" or
@@ -269,6 +316,10 @@ def main() -> None:
         write_prepared(tmp / "prepared", decoded, labels, args.classes)
         print(f"fixture: {len(items)} JPEGs of {SOURCE_SIZE} px, decoded once to {args.img_size} px "
               f"in {time.perf_counter() - started:.1f} s")
+        if args.profile is not None:
+            for channels in args.profile or (args.channels, SEED_CHANNELS):
+                profile_steps(tmp / "prepared", args, channels)
+            return
 
         eager = None
         if args.compile and args.also_eager:
@@ -303,12 +354,15 @@ def main() -> None:
     if device.type == "cuda":
         peak_bf16 = matmul_peak(device, torch.bfloat16, n=8192)
         print(f"matmul peak bf16: {peak_bf16 / 1e12:,.1f} TFLOP/s")
-    print(f"our train step: {flops / 1e6:,.1f} MFLOP per image (3 x forward) -> achieved "
+    print(f"our train step: {flops / 1e6:,.1f} MFLOP per image (forward + backward, counted) -> achieved "
           f"{achieved / 1e9:,.1f} GFLOP/s = {100 * achieved / peak_fp32:.1f}% of the fp32 matmul peak"
           + (f", {100 * achieved / peak_bf16:.1f}% of bf16" if device.type == "cuda" else ""))
     if seed and "images_per_s" in seed:
         print(f"ratio ours / seed: {ours['images_per_s'] / seed['images_per_s']:,.1f}x")
     if wide:
+        wide_flops = train_flops_per_image(wide["params"].model, args.img_size, args.classes)
+        print(f"at the seed's width: {wide_flops / 1e6:,.1f} MFLOP per image -> "
+              f"{100 * wide['images_per_s'] * wide_flops / peak_fp32:.1f}% of the fp32 matmul peak")
         print(f"ratio ours at seed width / seed: {wide['images_per_s'] / seed['images_per_s']:,.1f}x"
               if seed and "images_per_s" in seed else "")
 

@@ -2,6 +2,8 @@
 
 import json
 import os
+import platform
+import resource
 import shutil
 import subprocess
 import sys
@@ -17,7 +19,7 @@ from attention_cnn.data.prepared import PreparedSplit, load_split, save_split
 from attention_cnn.errors import UserError
 from attention_cnn.model import AttentionCNN, load_model
 from attention_cnn.params import parse_params
-from attention_cnn.epoch import BatchSource, augment, train_epoch
+from attention_cnn.epoch import BatchSource, augment, reuse_freed_host_memory, train_epoch
 from attention_cnn.train import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -240,6 +242,24 @@ def test_early_stopping_keeps_the_best_epoch(prepared, tmp_path):
     assert saved["classes"] == CLASSES
 
 
+def page_faults_of_a_second_big_tensor() -> int:
+    torch.ones(16 * 2**20)  # 64 MB, over glibc's largest mmap threshold; freed at once
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.ones(16 * 2**20)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the setting is glibc's mallopt")
+def test_training_on_cpu_reuses_freed_memory_instead_of_faulting_in_fresh_pages():
+    pages = 64 * 2**20 // resource.getpagesize()
+    assert page_faults_of_a_second_big_tensor() > pages // 2  # glibc's default: munmap, then fresh pages
+    with reuse_freed_host_memory(torch.device("cpu")):
+        # Steady state, as in training: the first rounds may still land on heap pages a past trim gave back.
+        faults = [page_faults_of_a_second_big_tensor() for _ in range(4)]
+        assert faults[-1] < pages // 100, faults
+    assert page_faults_of_a_second_big_tensor() > pages // 2  # the process's defaults are back
+
+
 def test_augment_flips_and_shifts_whole_pixels_per_image():
     x = torch.arange(2 * 3 * 6 * 6, dtype=torch.float32).view(2, 3, 6, 6)
     flip = torch.tensor([True, False])
@@ -249,6 +269,30 @@ def test_augment_flips_and_shifts_whole_pixels_per_image():
     # out[i, j] = in[i + dy, j + dx], borders reflected: the interior is an exact copy of shifted pixels.
     assert torch.equal(y[1, :, 2:, :5], x[1, :, :4, 1:])
     assert torch.equal(augment(x, torch.tensor([False, False]), torch.zeros(2, 2, dtype=torch.long)), x)
+
+
+def grid_sample_augment(x: torch.Tensor, flip: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """The same flip and shift as a nearest-neighbour, reflection-padded affine resampling (what `augment` did
+    before it became a gather): the reference the gather must reproduce pixel for pixel."""
+    B, _, H, W = x.shape
+    theta = torch.zeros(B, 2, 3)
+    theta[:, 0, 0] = 1 - 2 * flip.float()
+    theta[:, 1, 1] = 1
+    theta[:, 0, 2] = shift[:, 0] * (2 / W)
+    theta[:, 1, 2] = shift[:, 1] * (2 / H)
+    grid = torch.nn.functional.affine_grid(theta, [B, 3, H, W], align_corners=False)
+    return torch.nn.functional.grid_sample(x, grid, mode="nearest", padding_mode="reflection", align_corners=False)
+
+
+@pytest.mark.parametrize("size", [16, 15, 64])
+def test_augment_picks_the_pixels_of_a_reflection_padded_affine_resampling(size):
+    g = torch.Generator().manual_seed(size)
+    x = torch.randint(0, 256, (40, 3, size, size), generator=g, dtype=torch.uint8)
+    flip = torch.rand(40, generator=g) < 0.5
+    shift = torch.randint(-size // 2, size // 2 + 1, (40, 2), generator=g)  # up to train.max_shift's limit, 0.5
+    y = augment(x, flip, shift)
+    assert y.dtype == torch.uint8 and y.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(y, grid_sample_augment(x.float(), flip, shift).to(torch.uint8))
 
 
 @pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None,

@@ -32,7 +32,8 @@ from attention_cnn.checkpoint import (CHECKPOINT_FORMAT, checkpoint_path, finger
 from attention_cnn.data.prepared import PreparedSplit, load_split
 from attention_cnn.distributed import (Dist, all_reduce_sum, broadcast_buffers, broadcast_from_main, check_same_run,
                                        gather_objects, kernel_settings, setup_distributed, shut_down, wrap_for_steps)
-from attention_cnn.epoch import BatchSource, draw_augmentation, fits_on_device, train_epoch, validation_totals
+from attention_cnn.epoch import (BatchSource, draw_augmentation, fits_on_device, reuse_freed_host_memory, train_epoch,
+                                 validation_totals)
 from attention_cnn.errors import UserError
 from attention_cnn.memory import check_model_fits
 from attention_cnn.model import AttentionCNN, save_model
@@ -195,7 +196,7 @@ def train(params: Params, prepared_dir: Path | str = "data/prepared", model_path
     memory, None as `fits_on_device` decides (the results are the same either way).
     """
     ctx = setup_distributed(params)
-    with kernel_settings(ctx.device):
+    with kernel_settings(ctx.device), reuse_freed_host_memory(ctx.device):
         return _train(params, ctx, Path(prepared_dir), Path(model_path), Path(checkpoint_dir), metrics_dir,
                       progress, on_epoch_end, resident)
 
