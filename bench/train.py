@@ -294,6 +294,8 @@ def main() -> None:
     parser.add_argument("--seed-workers", type=int, default=0, help="DataLoader workers of the seed loop")
     parser.add_argument("--skip-seed", action="store_true")
     parser.add_argument("--seed-width", action="store_true", help="also time ours at the seed's 128 channels")
+    parser.add_argument("--cpu-bf16", action="store_true",
+                        help="with --seed-width on CPU: also time ours there with train.cpu_bf16=true")
     parser.add_argument("--no-150", action="store_true", help="skip the img_size 150 memory check")
     parser.add_argument("--images-150", type=int, default=640, help="images of the 150 px run")
     parser.add_argument("--profile", type=int, nargs="*", metavar="CHANNELS",
@@ -337,6 +339,11 @@ def main() -> None:
             wide = run_ours(tmp / "prepared", tmp / "wide", args,
                             {"model": {"channels": SEED_CHANNELS}, "train": {"epochs": 2}})
             print(f"ours at the seed's width (conv, {SEED_CHANNELS} ch): {wide['images_per_s']:,.0f} images/s")
+        wide_bf16 = None
+        if args.seed_width and args.cpu_bf16 and device.type == "cpu":
+            wide_bf16 = run_ours(tmp / "prepared", tmp / "wide_bf16", args,
+                                 {"model": {"channels": SEED_CHANNELS}, "train": {"epochs": 2, "cpu_bf16": True}})
+            print(f"ours at the seed's width with train.cpu_bf16: {wide_bf16['images_per_s']:,.0f} images/s")
         seed = None
         if not args.skip_seed:
             seed = run_seed(items, args.classes, args)
@@ -365,6 +372,9 @@ def main() -> None:
               f"{100 * wide['images_per_s'] * wide_flops / peak_fp32:.1f}% of the fp32 matmul peak")
         print(f"ratio ours at seed width / seed: {wide['images_per_s'] / seed['images_per_s']:,.1f}x"
               if seed and "images_per_s" in seed else "")
+    if wide_bf16 and seed and "images_per_s" in seed:
+        print(f"ratio ours at seed width with train.cpu_bf16 / seed: "
+              f"{wide_bf16['images_per_s'] / seed['images_per_s']:,.1f}x")
 
     if device.type == "cpu" and not args.no_150:
         run_child_150(args)

@@ -318,6 +318,28 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="needs a CUDA GPU (bench/gpu_check.sh runs it on one)")
 
 
+@pytest.mark.parametrize("cpu_bf16", [False, True])
+def test_cpu_convolutions_compute_in_bf16_only_when_train_cpu_bf16_asks(prepared, tmp_path, cpu_bf16):
+    """fp32 stays the CPU default (reproducible); train.cpu_bf16 turns bf16 autocast on and still learns."""
+    p = params(cpu_bf16=cpu_bf16)
+    net = AttentionCNN(len(CLASSES), IMG, p.model)
+    dtypes = []
+    hook = net.trunk[1].conv.register_forward_hook(lambda module, inputs, output: dtypes.append(output.dtype))
+    split = load_split(prepared, "train")
+    n = len(split)
+    with tqdm(disable=True) as bar:
+        totals = train_epoch(net, torch.optim.Adam(net.parameters()), BatchSource(split.images, split.labels,
+                             torch.device("cpu"), resident=True), torch.randperm(n),
+                             torch.zeros(n, dtype=torch.bool), torch.zeros(n, 2, dtype=torch.long), p.train, bar)
+    hook.remove()
+    assert totals[2].item() == n and torch.isfinite(totals[0])
+    assert set(dtypes) == {torch.bfloat16 if cpu_bf16 else torch.float32}
+    result = run(prepared, tmp_path, p)
+    assert all(parameter.dtype == torch.float32 for parameter in weights(tmp_path).values()
+               if parameter.is_floating_point())
+    assert result.history[-1].train_accuracy > 1 / len(CLASSES)
+
+
 @needs_cuda
 def test_cuda_step_runs_in_bf16_on_channels_last_input(prepared):
     """Inside a real training pass on the GPU: the convolutions see channels_last input and compute in bf16."""

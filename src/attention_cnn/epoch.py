@@ -153,7 +153,7 @@ def _reflect(index: torch.Tensor, size: int) -> torch.Tensor:
 
 @torch.no_grad()
 def validation_totals(model: torch.nn.Module, source: BatchSource, indices: torch.Tensor,
-                      batch_size: int) -> torch.Tensor:
+                      batch_size: int, cpu_bf16: bool = False) -> torch.Tensor:
     """Sum of cross-entropy losses, number correct and count over `indices`: tensor([loss_sum, correct, n])."""
     model.eval()
     device = source.device
@@ -161,7 +161,7 @@ def validation_totals(model: torch.nn.Module, source: BatchSource, indices: torc
     for start in range(0, indices.numel(), batch_size):
         idx = indices[start:start + batch_size]
         x, y = source.batch(idx)
-        with autocast(device):
+        with autocast(device, cpu_bf16):
             logits = model(x).logits.float()
         totals[0] += F.cross_entropy(logits, y, reduction="sum")
         totals[1] += (logits.argmax(dim=1) == y).sum()
@@ -186,7 +186,7 @@ def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, source
             x, y = source.batch(idx, flip[start:start + tp.batch_size], shift[start:start + tp.batch_size])
         else:
             x, y = source.batch(idx)  # (B, 3, S, S), (B,)
-        with autocast(device):
+        with autocast(device, tp.cpu_bf16):
             logits = model(x).logits  # (B, K)
             loss = F.cross_entropy(logits.float(), y)
         optimizer.zero_grad(set_to_none=True)

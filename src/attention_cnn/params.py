@@ -93,6 +93,7 @@ class TrainParams:
     max_shift: float = field(default=0.1, metadata=_float(0.0, 0.5))
     device: str = field(default="auto", metadata=_choice(*DEVICES))
     compile: bool = field(default=False, metadata=_bool())
+    cpu_bf16: bool = field(default=False, metadata=_bool())
     nproc: int = field(default=1, metadata=_int(1, 1024))
     nnodes: int = field(default=1, metadata=_int(1, 1024))
     rdzv_endpoint: str = field(default="", metadata=_endpoint())

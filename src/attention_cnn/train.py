@@ -361,7 +361,7 @@ def _train_one_epoch(run: _Run, epoch: int) -> EpochResult:
     run.scheduler.step()
 
     broadcast_buffers(run.net, ctx)  # each rank validates its share of val with the same BatchNorm stats
-    val_totals = validation_totals(run.net, run.val_data, run.val_indices, 2 * tp.batch_size)
+    val_totals = validation_totals(run.net, run.val_data, run.val_indices, 2 * tp.batch_size, tp.cpu_bf16)
     val_loss, val_correct, val_count = all_reduce_sum(val_totals, ctx).tolist()
     return EpochResult(epoch=epoch, train_loss=train_loss / train_count, train_accuracy=train_correct / train_count,
                        val_loss=val_loss / val_count, val_accuracy=val_correct / val_count, lr=lr,
