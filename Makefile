@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	@echo "Installing torch, DVC and the other dependencies into $(VENV) (about 5.7 GB with CUDA libraries; about 3 minutes from a local wheel cache, longer over the network)..."
+	@echo "Installing torch, DVC and the other dependencies into $(VENV) (about 5.7 GB with CUDA libraries; a few minutes from a local wheel cache, longer over the network)..."
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
