@@ -17,6 +17,7 @@ import torch
 import yaml
 
 from attention_cnn.data.prepared import load_split, save_split
+from attention_cnn.distributed import flatten
 from attention_cnn.model import load_model
 from e2e import TINY, VENV_BIN, run, stages_run, tiny_repo
 
@@ -95,7 +96,7 @@ def test_two_machines_train_as_one_job_like_one_machine_with_two_processes(repo,
     set_train_params(node1, nnodes=1, nproc=2, rdzv_endpoint="")
     status, out, err, _ = finish(start([sys.executable, "-m", "attention_cnn.cli", "train"], node1))
     assert status == 0, out[-3000:] + err[-3000:]
-    two_machines, one_machine = (_leaves(json.loads((root / "metrics/train/metrics.json").read_text()))
+    two_machines, one_machine = (flatten(json.loads((root / "metrics/train/metrics.json").read_text()))
                                  for root in (repo, node1))
     for metrics in (two_machines, one_machine):
         metrics.pop("images_per_s")  # wall-clock speed, the one metric that differs
@@ -104,17 +105,6 @@ def test_two_machines_train_as_one_job_like_one_machine_with_two_processes(repo,
     weights = [load_model(root / "models" / "model.pt").model.state_dict() for root in (repo, node1)]
     for name, tensor in weights[0].items():
         torch.testing.assert_close(tensor, weights[1][name], rtol=1e-5, atol=1e-6, msg=name)
-
-
-def _leaves(tree: dict, prefix: str = "") -> dict[str, float]:
-    """{"train": {"loss": 0.5}} -> {"train/loss": 0.5}"""
-    leaves = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            leaves.update(_leaves(value, f"{prefix}{key}/"))
-        else:
-            leaves[prefix + key] = value
-    return leaves
 
 
 @pytest.fixture(scope="module")

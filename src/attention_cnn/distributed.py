@@ -181,7 +181,7 @@ def check_same_job(params: Params, rank: int, world_size: int, node: int) -> Non
                         f"the same params.yaml, data and code.")
         return ""
 
-    _agree("start", {"node": node, "params": _flat(training_params(params))}, compare, rank, world_size, node,
+    _agree("start", {"node": node, "params": flatten(training_params(params))}, compare, rank, world_size, node,
            params.train.rdzv_timeout)
 
 
@@ -231,12 +231,12 @@ def _agree(step: str, mine: dict, compare: Callable[[list[dict]], str], rank: in
         raise UserError(verdict)
 
 
-def _flat(tree: dict, prefix: str = "") -> dict:
+def flatten(tree: dict, prefix: str = "") -> dict:
     """{"train": {"lr": 0.1}} -> {"train.lr": 0.1}"""
     flat = {}
     for key, value in tree.items():
         if isinstance(value, dict):
-            flat.update(_flat(value, f"{prefix}{key}."))
+            flat.update(flatten(value, f"{prefix}{key}."))
         else:
             flat[prefix + key] = value
     return flat
