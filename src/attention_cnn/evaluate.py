@@ -72,7 +72,7 @@ def saliency_methods(model: AttentionCNN, seed: int) -> list[SaliencyMap]:
     """The maps to compare. A model without attention (model.attention=none) has a constant mask, which ranks
     nothing, so its `attention/*` metrics are left out rather than reported as if they meant something."""
     methods: list[SaliencyMap] = [GradCAM(), RandomMap(seed)]
-    if model.params.attention != "none":
+    if model.learns_mask:
         methods.insert(0, AttentionMap())
     return methods
 

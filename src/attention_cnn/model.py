@@ -225,6 +225,11 @@ class AttentionCNN(nn.Module):
         self.mean.copy_(mean.reshape(1, 3, 1, 1))
         self.std.copy_(std.clamp_min(1e-3).reshape(1, 3, 1, 1))
 
+    @property
+    def learns_mask(self) -> bool:
+        """False for `none`, whose mask is constant: there is nothing to draw or to score as a saliency map."""
+        return self.params.attention != "none"
+
     def forward(self, x: torch.Tensor) -> AttentionOutput:
         x = (x - self.mean) / self.std                     # (B, 3, S, S)
         features = self.trunk(x)                           # (B, C, h, w)

@@ -177,8 +177,7 @@ def predict_folder(model_path: Path | str, images_dir: Path | str, out_dir: Path
         raise UserError(f"--top-k must be between 1 and the model's {len(trained.classes)} classes, got {top_k}.")
     inputs = _read_images(images_dir, out_dir, trained.img_size, workers, progress)
     with atomic_dir(out_dir, PREDICT_FILES) as tmp:
-        mask_panel = trained.model.params.attention != "none"  # no attention: a constant mask says nothing
-        figure = PanelFigure(1, colormap, alpha, mask_panel=mask_panel) if figures else None
+        figure = PanelFigure(1, colormap, alpha, mask_panel=trained.model.learns_mask) if figures else None
         predictions = _classify(trained, inputs, tmp, top_k, batch_size, figure, progress)
         _write_csv(tmp / "skipped.csv", ["file", "reason"], [[s.file, s.reason] for s in inputs.skipped])
         _write_csv(tmp / "predictions.csv", ["file", "predicted_class", "confidence", "top_k"],

@@ -48,7 +48,7 @@ def visualize(params: Params, prepared_dir: Path | str, model_path: Path | str, 
 
     image_names, grid_names = [], []
     with atomic_dir(out_dir, FIGURE_FILES) as tmp:
-        mask_panel = trained.model.params.attention != "none"  # no attention: a constant mask says nothing
+        mask_panel = trained.model.learns_mask
         single = PanelFigure(1, vis.colormap, vis.alpha, mask_panel=mask_panel)
         for n, index in enumerate(chosen, start=1):
             name = f"{n:02d}_{safe_name(Path(test.files[index]).stem)}.png"
