@@ -79,7 +79,7 @@ def workspace(tmp_path_factory) -> Path:
             classes=CLASSES))
     torch.manual_seed(0)
     model = AttentionCNN(len(CLASSES), S, ModelParams(channels=4, hidden=8))
-    save_model(root / "models/model.pt", model.eval(), CLASSES)
+    save_model(root / "models/model.pt", model.eval(), CLASSES, resize="stretch")
     params = {"img_size": S, "evaluate": {"batch_size": 4, "faithfulness_images": 2, "faithfulness_steps": 2},
               "visualize": {"num_images": 2, "per_class": 1}}
     (root / "params.yaml").write_text(yaml.safe_dump(params))

@@ -3,9 +3,10 @@
 
 Every image file under the folder is found by the prepare stage's own walker (data/discover.py: recursive;
 hidden, non-regular and symlinked-back files are not read) and decoded by its own decoder (data/decode.py:
-EXIF orientation, every mode to RGB, the decompression-bomb guard), stretched to the model's img_size, and
-classified. Writes into the --out folder:
-    predictions.csv  file, predicted_class, confidence, top_k ("forest:0.9100;sea:0.0500;...")
+EXIF orientation, every mode to RGB, the decompression-bomb guard), resized to the model's img_size by the
+policy its training images were prepared with (data.resize, stored in the model file), and classified. Writes into the --out folder:
+    predictions.csv  file, predicted_class, confidence, top1_class, top1_prob, top2_class, top2_prob, ...
+                     (one column per value: any class name, even "a:0.9;b", reads back exactly)
     skipped.csv      file, reason: image files that could not be decoded and files that are not images
     <file>.png       the input | before | mask | after figure of each image (visualize.py), unless figures=False
 Bad files are reported, never fatal; the run fails (UserError) only when nothing could be predicted.
@@ -34,7 +35,7 @@ from attention_cnn.figures import prediction_label, safe_name
 from attention_cnn.inference import load_for_inference
 from attention_cnn.panels import PanelFigure, check_colormap, compute_panels
 
-RESIZE_POLICY = "stretch"  # as the seed, and as the default prepare stage
+DEFAULT_TOP_K = 3          # classes listed per image when --top-k is not given (fewer if the model has fewer)
 MIN_FILES_PER_WORKER = 64  # below this a decode process costs more than it saves
 # What an earlier predict wrote; an --out holding anything else is refused, never replaced.
 PREDICT_FILES = Owned(sign="predictions.csv", patterns=("predictions.csv", "skipped.csv", "*.png"))
@@ -74,9 +75,10 @@ def list_folder(folder: Path, exclude: Path | None = None) -> FolderListing:
     return FolderListing(images=images, not_read=[Skipped(e["path"], e["reason"]) for e in skips.ignored])
 
 
-def decode_files(paths: list[Path], img_size: int, workers: int, progress: bool) -> list[Decoded]:
-    """Decode every file with the prepare stage's `decode_image` and its process-pool map."""
-    decode = functools.partial(decode_image, img_size=img_size, policy=RESIZE_POLICY)
+def decode_files(paths: list[Path], img_size: int, resize: str, workers: int, progress: bool) -> list[Decoded]:
+    """Decode every file with the prepare stage's `decode_image` and its process-pool map, resized by the
+    model's own policy (a model trained on padded images scores chance on stretched ones)."""
+    decode = functools.partial(decode_image, img_size=img_size, policy=resize)
     workers = min(resolve_workers(workers), max(1, len(paths) // MIN_FILES_PER_WORKER))
     return list(parallel_map(decode, paths, workers, "predict: decode", progress))
 
@@ -118,12 +120,13 @@ class _Inputs:
     skipped: list[Skipped]
 
 
-def _read_images(images_dir: Path, out_dir: Path, img_size: int, workers: int, progress: bool) -> _Inputs:
+def _read_images(images_dir: Path, out_dir: Path, trained: TrainedModel, workers: int, progress: bool) -> _Inputs:
     listing = list_folder(images_dir, exclude=out_dir)
     if not listing.images:
         raise UserError(f"--images {images_dir}: holds no image files (looked for "
                         f"{', '.join(sorted(image_extensions())[:8])}, ... in every sub-folder).")
-    decoded = decode_files([images_dir / rel for rel in listing.images], img_size, workers, progress)
+    decoded = decode_files([images_dir / rel for rel in listing.images], trained.img_size, trained.resize, workers,
+                           progress)
     skipped = [Skipped(rel, d.error) for rel, d in zip(listing.images, decoded) if d.error is not None]
     skipped += listing.not_read
     kept = [i for i, d in enumerate(decoded) if d.error is None]
@@ -160,7 +163,16 @@ def _classify(trained: TrainedModel, inputs: _Inputs, tmp: Path, top_k: int, bat
     return predictions
 
 
-def predict_folder(model_path: Path | str, images_dir: Path | str, out_dir: Path | str, top_k: int = 3,
+def _predictions_table(predictions: list[Prediction], top_k: int) -> tuple[list[str], list[list]]:
+    """predictions.csv's header and rows: every class name and probability in a column of its own."""
+    header = ["file", "predicted_class", "confidence"]
+    header += [f"top{r}_{what}" for r in range(1, top_k + 1) for what in ("class", "prob")]
+    rows = [[p.file, p.predicted_class, f"{p.confidence:.4f}",
+             *[x for name, prob in p.top_k for x in (name, f"{prob:.4f}")]] for p in predictions]
+    return header, rows
+
+
+def predict_folder(model_path: Path | str, images_dir: Path | str, out_dir: Path | str, top_k: int | None = None,
                    batch_size: int = 256, figures: bool = True, colormap: str = VisualizeParams.colormap,
                    alpha: float = VisualizeParams.alpha, workers: int = 0, progress: bool = True) -> PredictResult:
     images_dir, out_dir = Path(images_dir), Path(out_dir)
@@ -173,16 +185,16 @@ def predict_folder(model_path: Path | str, images_dir: Path | str, out_dir: Path
     check_colormap(colormap)
     _check_out_dir(out_dir, images_dir)
     trained = load_for_inference(model_path)
-    if not 1 <= top_k <= len(trained.classes):
+    if top_k is None:
+        top_k = min(DEFAULT_TOP_K, len(trained.classes))
+    elif not 1 <= top_k <= len(trained.classes):
         raise UserError(f"--top-k must be between 1 and the model's {len(trained.classes)} classes, got {top_k}.")
-    inputs = _read_images(images_dir, out_dir, trained.img_size, workers, progress)
+    inputs = _read_images(images_dir, out_dir, trained, workers, progress)
     with atomic_dir(out_dir, PREDICT_FILES) as tmp:
         figure = PanelFigure(1, colormap, alpha, mask_panel=trained.model.learns_mask) if figures else None
         predictions = _classify(trained, inputs, tmp, top_k, batch_size, figure, progress)
         _write_csv(tmp / "skipped.csv", ["file", "reason"], [[s.file, s.reason] for s in inputs.skipped])
-        _write_csv(tmp / "predictions.csv", ["file", "predicted_class", "confidence", "top_k"],
-                   [[p.file, p.predicted_class, f"{p.confidence:.4f}",
-                     ";".join(f"{name}:{prob:.4f}" for name, prob in p.top_k)] for p in predictions])
+        _write_csv(tmp / "predictions.csv", *_predictions_table(predictions, top_k))
     print(f"predict: {len(predictions)} images -> {out_dir / 'predictions.csv'}"
           + (f"; skipped {len(inputs.skipped)} files, listed in {out_dir / 'skipped.csv'}" if inputs.skipped else ""),
           file=sys.stderr)

@@ -252,7 +252,8 @@ def _train(params: Params, ctx: Dist, prepared_dir: Path, model_path: Path, chec
     metrics.end()
     written = None
     if ctx.is_main:
-        written = save_model(model_path, run.net, train_split.classes, state_dict=best_weights)
+        written = save_model(model_path, run.net, train_split.classes, resize=train_split.resize,
+                             best_epoch=state.best_epoch, state_dict=best_weights)
         say(f"{model_path}: best val accuracy {state.best_val_accuracy:.4f} (loss {state.best_val_loss:.4f}) "
             f"at epoch {state.best_epoch}.")
     shut_down(ctx)

@@ -259,7 +259,7 @@ def _report(params: Params, found: Discovery, decoded: _DecodedSet, split_of: di
 
 
 def _write_splits(build_dir: Path, found: Discovery, decoded: _DecodedSet, split_of: dict[int, str],
-                  use_masks: bool, img_size: int, chunk_bytes: int) -> None:
+                  use_masks: bool, img_size: int, resize: str, chunk_bytes: int) -> None:
     """Each split's file from the decoded raw files, chunk by chunk, and its preview from the written file."""
     for split in SPLITS:
         members = sorted((i for i, s in split_of.items() if s == split),
@@ -268,7 +268,7 @@ def _write_splits(build_dir: Path, found: Discovery, decoded: _DecodedSet, split
             build_dir, split, images=_rows(decoded.raw.pixels, members, (3, img_size, img_size), chunk_bytes),
             labels=torch.tensor([found.images[i].label for i in members], dtype=torch.int64),
             masks=_rows(decoded.raw.masks, members, (img_size, img_size), chunk_bytes) if use_masks else None,
-            files=[found.images[i].rel for i in members], classes=found.classes)
+            files=[found.images[i].rel for i in members], classes=found.classes, resize=resize)
         written = load_split(build_dir, split)  # a memory map: the preview reads only the rows it shows
         preview_grid(written).save(build_dir / f"preview_{split}.png", compress_level=1)  # 2x faster than 6
         del written
@@ -301,7 +301,8 @@ def prepare(params: Params, out_dir: Path | str = "data/prepared", root: Path | 
         # Masks are all or nothing: training reads masks[i] for every i, so a partial set is reported, not used.
         use_masks = masks_root.is_dir() and bool(decoded.has_mask[kept].all())
         report = _report(params, found, decoded, split_of, masks_root.is_dir(), use_masks, out_dir)
-        _write_splits(build_dir, found, decoded, split_of, use_masks, params.img_size, chunk_bytes)
+        _write_splits(build_dir, found, decoded, split_of, use_masks, params.img_size, params.data.resize,
+                      chunk_bytes)
         shutil.rmtree(scratch)
         (build_dir / "report.json").write_text(json.dumps(asdict(report), indent=2, ensure_ascii=False) + "\n",
                                                encoding="utf-8")
