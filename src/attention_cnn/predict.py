@@ -27,11 +27,11 @@ from tqdm import tqdm
 
 from attention_cnn.atomic import Owned, atomic_dir, check_replaceable
 from attention_cnn.data.decode import Decoded, decode_image, parallel_map, resolve_workers
-from attention_cnn.data.discover import Skips, image_extensions, walk_images
+from attention_cnn.data.discover import Skips, display_name, image_extensions, walk_images
 from attention_cnn.errors import UserError
 from attention_cnn.model import TrainedModel
 from attention_cnn.params import VisualizeParams
-from attention_cnn.figures import prediction_label, safe_name
+from attention_cnn.figures import prediction_label, unique_stem
 from attention_cnn.inference import load_for_inference
 from attention_cnn.panels import PanelFigure, check_colormap, compute_panels
 
@@ -43,13 +43,13 @@ PREDICT_FILES = Owned(sign="predictions.csv", patterns=("predictions.csv", "skip
 
 @dataclass(frozen=True)
 class Skipped:
-    file: str    # relative to the images folder
+    file: str    # relative to the images folder, as display_name shows it
     reason: str
 
 
 @dataclass(frozen=True)
 class Prediction:
-    file: str                 # relative to the images folder
+    file: str                 # relative to the images folder, as display_name shows it
     predicted_class: str
     confidence: float
     top_k: list[tuple[str, float]]  # most probable first
@@ -72,7 +72,8 @@ def list_folder(folder: Path, exclude: Path | None = None) -> FolderListing:
     lies inside) is not read, so a second run does not classify the first run's figures."""
     skips = Skips()
     images = walk_images(folder, skips=skips, exclude=exclude)
-    return FolderListing(images=images, not_read=[Skipped(e["path"], e["reason"]) for e in skips.ignored])
+    return FolderListing(images=images, not_read=[Skipped(display_name(e["path"]), e["reason"])
+                                                  for e in skips.ignored])
 
 
 def decode_files(paths: list[Path], img_size: int, resize: str, workers: int, progress: bool) -> list[Decoded]:
@@ -84,16 +85,9 @@ def decode_files(paths: list[Path], img_size: int, resize: str, workers: int, pr
 
 
 def figure_names(files: list[str]) -> list[str]:
-    """A safe, unique figure name per file: its relative path with '/' -> '__', unsafe characters -> '_'."""
-    names, used = [], set()
-    for file in files:
-        base = safe_name(file.replace("/", "__"))
-        name, n = f"{base}.png", 2
-        while name in used:  # two paths that differ only in unsafe characters
-            name, n = f"{base}-{n}.png", n + 1
-        used.add(name)
-        names.append(name)
-    return names
+    """A safe figure name per file, unique by construction and short whatever the folder's depth (unique_stem:
+    a nested or unsafe path keeps its readable start, '/' -> '__', plus a hash of the whole path)."""
+    return [f"{unique_stem(file)}.png" for file in files]
 
 
 def _check_out_dir(out_dir: Path, images_dir: Path) -> None:
@@ -115,7 +109,7 @@ def _write_csv(path: Path, header: list[str], rows: list[list]) -> None:
 
 @dataclass(frozen=True)
 class _Inputs:
-    files: list[str]       # relative to the images folder, decoded
+    files: list[str]       # relative to the images folder, decoded; real names (display_name to show them)
     pixels: torch.Tensor   # (N, 3, S, S) uint8
     skipped: list[Skipped]
 
@@ -127,7 +121,7 @@ def _read_images(images_dir: Path, out_dir: Path, trained: TrainedModel, workers
                         f"{', '.join(sorted(image_extensions())[:8])}, ... in every sub-folder).")
     decoded = decode_files([images_dir / rel for rel in listing.images], trained.img_size, trained.resize, workers,
                            progress)
-    skipped = [Skipped(rel, d.error) for rel, d in zip(listing.images, decoded) if d.error is not None]
+    skipped = [Skipped(display_name(rel), d.error) for rel, d in zip(listing.images, decoded) if d.error is not None]
     skipped += listing.not_read
     kept = [i for i, d in enumerate(decoded) if d.error is None]
     if not kept:
@@ -155,9 +149,10 @@ def _classify(trained: TrainedModel, inputs: _Inputs, tmp: Path, top_k: int, bat
                 predicted, confidence = int(panels.predictions[j]), float(panels.confidence[j])
                 if figure is not None:
                     figure.draw_row(0, panels, j, "")
-                    figure.save(tmp / names[n], title=f"{files[n]}\n{prediction_label(classes, predicted, confidence)}")
+                    figure.save(tmp / names[n],
+                                title=f"{display_name(files[n])}\n{prediction_label(classes, predicted, confidence)}")
                 predictions.append(Prediction(
-                    file=files[n], predicted_class=classes[predicted], confidence=confidence,
+                    file=display_name(files[n]), predicted_class=classes[predicted], confidence=confidence,
                     top_k=[(classes[int(i)], float(p)) for p, i in zip(top_p[j], top_i[j])]))
                 bar.update()
     return predictions

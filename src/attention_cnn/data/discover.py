@@ -45,6 +45,13 @@ def image_extensions() -> frozenset[str]:
                      if fmt in Image.OPEN and fmt not in NOT_DECODED_BY_PILLOW)
 
 
+def display_name(text: str) -> str:
+    """A file or folder name as it is written to reports, CSV and JSON files, figures and the console: bytes that
+    are not valid UTF-8 (which os.listdir hands over as surrogate escapes, and which no UTF-8 writer accepts)
+    shown as "\\xff". The walk keeps the real names to open the files; everything it reports uses these."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def is_hidden(name: str) -> bool:
     return name.startswith(".") or name in IGNORED_FOLDERS
 

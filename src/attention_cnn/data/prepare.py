@@ -38,7 +38,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from attention_cnn.atomic import Owned, atomic_dir
 from attention_cnn.data.decode import decode_image, parallel_map, resolve_workers
-from attention_cnn.data.discover import LAYOUT_CLASS_FOLDERS, MASKS_DIR, Discovery, discover
+from attention_cnn.data.discover import LAYOUT_CLASS_FOLDERS, MASKS_DIR, Discovery, discover, display_name
 from attention_cnn.data.prepared import SPLITS, PreparedSplit, Rows, load_split, save_split_streamed
 from attention_cnn.data.split import assign_splits, check_readable, find_duplicates, split_counts
 from attention_cnn.params import Params
@@ -233,6 +233,10 @@ def _mask_path(masks_root: Path, rel: str) -> str | None:
     return str(path) if path.is_file() else None
 
 
+def _shown(entries: list[dict[str, str]]) -> list[dict[str, str]]:
+    return [{**entry, "path": display_name(entry["path"])} for entry in entries]
+
+
 def _report(params: Params, found: Discovery, decoded: _DecodedSet, split_of: dict[int, str], masks_found: bool,
             use_masks: bool, out_dir: Path) -> PrepareReport:
     kept = sorted(split_of)
@@ -244,17 +248,20 @@ def _report(params: Params, found: Discovery, decoded: _DecodedSet, split_of: di
         if "val" in found.pool_dirs:
             notes.append(f"val split as given in {found.pool_dirs['val']}/; data.val_fraction is not used")
     return PrepareReport(
-        source=params.data.source, layout=found.layout, classes=found.classes, img_size=params.img_size,
+        source=params.data.source, layout=found.layout, classes=[display_name(c) for c in found.classes],
+        img_size=params.img_size,
         resize=params.data.resize, seed=params.seed, counts=counts,
         totals={split: sum(per_class.values()) for split, per_class in counts.items()},
         image_files=len(found.images), kept=len(kept),
-        skipped=[{"path": found.images[i].rel, "reason": error} for i, error in enumerate(decoded.errors) if error],
-        ignored=sorted(found.skips.ignored, key=lambda entry: entry["path"]), hidden_ignored=found.skips.hidden,
+        skipped=_shown([{"path": found.images[i].rel, "reason": error}
+                        for i, error in enumerate(decoded.errors) if error]),
+        ignored=_shown(sorted(found.skips.ignored, key=lambda entry: entry["path"])),
+        hidden_ignored=found.skips.hidden,
         unlabelled=found.unlabelled, duplicates_across_splits=duplicates.across_splits,
         duplicate_groups_within_split=duplicates.groups_within_split,
         masks={"found": masks_found, "matched": int(decoded.has_mask[kept].sum()), "used": use_masks,
-               "problems": [{"path": found.images[i].rel, "reason": decoded.mask_errors[i]}
-                            for i in kept if decoded.mask_errors[i] is not None]},
+               "problems": _shown([{"path": found.images[i].rel, "reason": decoded.mask_errors[i]}
+                                   for i in kept if decoded.mask_errors[i] is not None])},
         notes=notes, out_dir=out_dir.as_posix())
 
 
@@ -268,7 +275,8 @@ def _write_splits(build_dir: Path, found: Discovery, decoded: _DecodedSet, split
             build_dir, split, images=_rows(decoded.raw.pixels, members, (3, img_size, img_size), chunk_bytes),
             labels=torch.tensor([found.images[i].label for i in members], dtype=torch.int64),
             masks=_rows(decoded.raw.masks, members, (img_size, img_size), chunk_bytes) if use_masks else None,
-            files=[found.images[i].rel for i in members], classes=found.classes, resize=resize)
+            files=[display_name(found.images[i].rel) for i in members],
+            classes=[display_name(c) for c in found.classes], resize=resize)
         written = load_split(build_dir, split)  # a memory map: the preview reads only the rows it shows
         preview_grid(written).save(build_dir / f"preview_{split}.png", compress_level=1)  # 2x faster than 6
         del written
