@@ -1,6 +1,7 @@
 """`attention-cnn predict` on a folder with good, odd and broken files; the command line itself."""
 
 import csv
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -144,8 +145,14 @@ def test_parallel_decoding_equals_serial_decoding(tmp_path):
     assert all(np.array_equal(a.pixels, b.pixels) for a, b in zip(serial, parallel) if a.error is None)
 
 
-def test_figure_names_are_safe_and_unique():
-    assert figure_names(["a b.jpg", "a_b.jpg", "sub/c.png"]) == ["a_b.jpg.png", "a_b.jpg-2.png", "sub__c.png.png"]
+def test_figure_names_are_safe_unique_and_short():
+    files = ["a_b.jpg", "a b.jpg", "sub/c.png", "sub__c.png", "café.jpg", "caf.jpg", "caf_.jpg",
+             "x" * 250 + "1.jpg", "x" * 250 + "2.jpg", "/".join(["deep"] * 60) + "/y.jpg", "bad\udcff.jpg"]
+    names = figure_names(files)
+    assert names[0] == "a_b.jpg.png" and names[1].startswith("a_b.jpg~")  # a safe name is kept as it is
+    assert names[2].startswith("sub__c.png~") and names[3] == "sub__c.png.png"
+    assert len(set(names)) == len(files) and names == figure_names(files)  # unique, and stable
+    assert all(re.fullmatch(r"[A-Za-z0-9_.~-]{1,120}", name) for name in names), names
 
 
 def test_help_lists_every_command():

@@ -40,13 +40,15 @@ def _predict(args: argparse.Namespace) -> None:
 
 def _train(args: argparse.Namespace) -> None:
     from attention_cnn.distributed import launch_under_torchrun
-    from attention_cnn.train import train
+    from attention_cnn.train import check_outputs_writable, train
 
     params = load_params(args.params)
     nnodes = params.train.nnodes
     if not 0 <= args.node_rank < nnodes:
         raise UserError(f"--node-rank {args.node_rank}: {args.params} has train.nnodes={nnodes}, so the node rank "
                         f"must be 0..{nnodes - 1} (0 is the machine that runs `dvc repro`).")
+    if args.node_rank == 0:  # the machine that writes them
+        check_outputs_writable(args.model, Path(args.model).parent / ".checkpoints", args.metrics_dir)
     # Every torchrun worker runs this same command, and so reads the same files.
     launch_under_torchrun(params.train, node_rank=args.node_rank, worker=[
         "--module", "attention_cnn.cli", "train", "--node-rank", str(args.node_rank), "--params", args.params,

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from attention_cnn.atomic import Owned, atomic_dir
+from attention_cnn.atomic import Owned, atomic_dir, check_output_dir
 from attention_cnn.data.prepared import load_split
 from attention_cnn.faithfulness import (ScoreFn, deletion_fill, deletion_insertion, perturbation, pointing_game,
                                         pointing_tolerance)
@@ -163,6 +163,7 @@ def evaluate(params: Params, prepared_dir: Path | str, model_path: Path | str, m
     """Score `model_path` on the test split of `prepared_dir`; write metrics_dir/{metrics, <method>}.json and
     out_dir/{per_class.json, confusion.json, misclassified.png}, with the best epoch the model file holds.
     Raises UserError for a missing or stale model or split."""
+    check_output_dir(metrics_dir, METRICS_FILES), check_output_dir(out_dir, PLOT_FILES)  # before computing
     trained = load_for_inference(model_path)
     model = trained.model
     test = load_split(prepared_dir, "test")

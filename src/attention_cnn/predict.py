@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from attention_cnn.atomic import Owned, atomic_dir, check_replaceable
+from attention_cnn.atomic import Owned, atomic_dir, check_output_dir
 from attention_cnn.data.decode import Decoded, decode_image, parallel_map, resolve_workers
 from attention_cnn.data.discover import Skips, display_name, image_extensions, walk_images
 from attention_cnn.errors import UserError
@@ -70,10 +70,15 @@ class FolderListing:
 def list_folder(folder: Path, exclude: Path | None = None) -> FolderListing:
     """Every image file under `folder`, by the same rules as prepare. `exclude` (the output folder, when it
     lies inside) is not read, so a second run does not classify the first run's figures."""
+    try:
+        os.scandir(folder).close()  # the folder itself: nothing to predict on, so fatal (a sub-folder is reported)
+    except OSError as exc:
+        raise UserError(f"--images {folder}: cannot be listed ({exc.strerror or exc}). Give this user read and "
+                        f"execute permission on it (chmod u+rx), or choose another folder.") from None
     skips = Skips()
     images = walk_images(folder, skips=skips, exclude=exclude)
     return FolderListing(images=images, not_read=[Skipped(display_name(e["path"]), e["reason"])
-                                                  for e in skips.ignored])
+                                                  for e in skips.unreadable + skips.ignored])
 
 
 def decode_files(paths: list[Path], img_size: int, resize: str, workers: int, progress: bool) -> list[Decoded]:
@@ -97,7 +102,7 @@ def _check_out_dir(out_dir: Path, images_dir: Path) -> None:
     if out_real == images_real or out_real in images_real.parents:
         raise UserError(f"--out {out_dir}: is the --images folder or a folder above it, and predict replaces "
                         f"its --out as a whole. Give a new folder, e.g. {images_dir / 'predictions'}.")
-    check_replaceable(out_real, PREDICT_FILES)
+    check_output_dir(out_real, PREDICT_FILES)
 
 
 def _write_csv(path: Path, header: list[str], rows: list[list]) -> None:

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from attention_cnn.atomic import check_writable
 from attention_cnn.checkpoint import (CHECKPOINT_FORMAT, checkpoint_path, fingerprint, read_checkpoint,
                                       remove_checkpoint, rng_state, save_checkpoint, set_rng_state)
 from attention_cnn.data.prepared import PreparedSplit, load_split
@@ -181,6 +182,16 @@ def make_scheduler(optimizer: torch.optim.Optimizer, schedule: str, epochs: int)
 # The code whose change must not resume a checkpoint: the whole package, because a hand-kept list of the
 # modules that decide the weights goes stale as imports change (losing a resume is cheap; a stale one is not).
 _TRAINING_CODE = sorted(Path(__file__).parent.rglob("*.py"))
+
+
+def check_outputs_writable(model_path: Path | str, checkpoint_dir: Path | str,
+                           metrics_dir: Path | str | None) -> None:
+    """Refuse, naming the folder, before any epoch runs, when the model, its checkpoint or the metrics could
+    not be written (the stage and `attention-cnn train` call it before starting the worker processes)."""
+    check_writable(model_path)
+    check_writable(Path(checkpoint_dir) / "checkpoint.pt")
+    if metrics_dir is not None:
+        check_writable(Path(metrics_dir) / "metrics.json")
 
 
 def train(params: Params, prepared_dir: Path | str = "data/prepared", model_path: Path | str = "models/model.pt",

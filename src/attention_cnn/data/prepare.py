@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from attention_cnn.atomic import Owned, atomic_dir
+from attention_cnn.atomic import Owned, atomic_dir, check_output_dir
 from attention_cnn.data.decode import decode_image, parallel_map, resolve_workers
 from attention_cnn.data.discover import LAYOUT_CLASS_FOLDERS, MASKS_DIR, Discovery, discover, display_name
 from attention_cnn.data.prepared import SPLITS, PreparedSplit, Rows, load_split, save_split_streamed
@@ -166,6 +166,7 @@ class PrepareReport:
     kept: int
     skipped: list[dict[str, str]]            # {"path", "reason"}: image files that could not be decoded
     ignored: list[dict[str, str]]            # {"path", "reason"}: files and folders that are not images
+    unreadable: list[dict[str, str]]         # {"path", "reason", "class"}: folders that could not be listed
     hidden_ignored: int                      # hidden files and folders, never read
     unlabelled: dict | None                  # Intel's seg_pred
     duplicates_across_splits: list[dict]     # {"blake2b", "files": [{"path", "split", "class"}]}
@@ -183,18 +184,27 @@ class PrepareReport:
             line += f", unlabelled {self.unlabelled['images']} in {self.unlabelled['folder']} (unused)"
         if self.masks["found"]:
             line += f", masks {self.masks['matched']}/{self.kept}" + ("" if self.masks["used"] else " (not used)")
+        if self.unreadable:
+            lost = sorted({e["class"] for e in self.unreadable if "class" in e})
+            line += (f"; WARNING: {len(self.unreadable)} folder{'s' if len(self.unreadable) > 1 else ''} could not "
+                     f"be listed, so their images are missing"
+                     + (f" from class{'es' if len(lost) > 1 else ''} {', '.join(repr(c) for c in lost)}" if lost else ""))
         if self.duplicates_across_splits:
             n = sum(len(group["files"]) for group in self.duplicates_across_splits)
             line += (f"; WARNING: {n} byte-identical files in different splits "
                      f"({len(self.duplicates_across_splits)} groups)")
-        if self.skipped or self.duplicates_across_splits or (self.masks["found"] and not self.masks["used"]):
+        if self.skipped or self.unreadable or self.duplicates_across_splits or \
+                (self.masks["found"] and not self.masks["used"]):
             line += f" -- details in {self.out_dir}/report.json"
         return "\n".join([line, *self.first_not_read()])
 
     def first_not_read(self, limit: int = CONSOLE_LIST) -> list[str]:
         """The first `limit` skipped or ignored files with their reasons, as console lines."""
-        entries = [("skipped", e) for e in self.skipped] + [("ignored", e) for e in self.ignored]
-        lines = [f"  {kind} {entry['path']}: {entry['reason']}" for kind, entry in entries[:limit]]
+        entries = ([("not listed", e) for e in self.unreadable] + [("skipped", e) for e in self.skipped]
+                   + [("ignored", e) for e in self.ignored])
+        lines = [f"  {kind} {entry['path']}: {entry['reason']}"
+                 + (f" (class '{entry['class']}' loses them)" if "class" in entry else "")
+                 for kind, entry in entries[:limit]]
         if len(entries) > limit:
             lines.append(f"  ... and {len(entries) - limit} more in {self.out_dir}/report.json")
         return lines
@@ -256,7 +266,7 @@ def _report(params: Params, found: Discovery, decoded: _DecodedSet, split_of: di
         skipped=_shown([{"path": found.images[i].rel, "reason": error}
                         for i, error in enumerate(decoded.errors) if error]),
         ignored=_shown(sorted(found.skips.ignored, key=lambda entry: entry["path"])),
-        hidden_ignored=found.skips.hidden,
+        unreadable=_shown(found.skips.unreadable), hidden_ignored=found.skips.hidden,
         unlabelled=found.unlabelled, duplicates_across_splits=duplicates.across_splits,
         duplicate_groups_within_split=duplicates.groups_within_split,
         masks={"found": masks_found, "matched": int(decoded.has_mask[kept].sum()), "used": use_masks,
@@ -293,6 +303,7 @@ def prepare(params: Params, out_dir: Path | str = "data/prepared", root: Path | 
     draw); then each split is copied out of it `chunk_bytes` at a time. So memory stays flat whatever the
     data's size, and the disk holds the decoded pixels twice until the raw file is removed."""
     out_dir = Path(out_dir)
+    check_output_dir(out_dir, PREPARED_FILES)
     source = params.source_path(root)
     found = discover(source)
     masks_root = source / MASKS_DIR
