@@ -252,18 +252,19 @@ def stage_repo(tmp_path: Path, source: Path, **data) -> Path:
     return repo
 
 
-def run_prepare(repo: Path) -> subprocess.CompletedProcess:
-    """The stage script in its own process: a hang is cut by the timeout instead of stalling the suite."""
+def run_prepare(repo: Path, stage: str = "prepare", prefix: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """The stage script in its own process (run by `prefix`, e.g. setpriv): a hang is cut by the timeout instead
+    of stalling the suite."""
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
-    return subprocess.run([sys.executable, "stages/prepare.py"], cwd=repo, capture_output=True, text=True,
+    return subprocess.run([*prefix, sys.executable, f"stages/{stage}.py"], cwd=repo, capture_output=True, text=True,
                           timeout=120, env=env)
 
 
-def run_prepare_here(repo: Path, monkeypatch, capsys) -> tuple[int, str]:
+def run_prepare_here(repo: Path, monkeypatch, capsys, stage: str = "prepare") -> tuple[int, str]:
     """The stage script in this process (no second torch import); returns its exit code and stdout."""
     monkeypatch.chdir(repo)
     try:
-        runpy.run_path("stages/prepare.py", run_name="__main__")
+        runpy.run_path(f"stages/{stage}.py", run_name="__main__")
         code = 0
     except SystemExit as exit_info:
         code = exit_info.code
