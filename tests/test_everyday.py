@@ -29,8 +29,8 @@ from attention_cnn.data.prepared import load_split
 from attention_cnn.inference import load_for_inference, predict_logits
 from attention_cnn.model import AttentionCNN, save_model
 from attention_cnn.params import ModelParams
-from test_safety import (PROGRESS_BAR, REPO, assert_one_line_error, classes, noise, run_cli, run_prepare,
-                         run_prepare_here, snapshot, stage_repo, users_folder)
+from test_safety import (PROGRESS_BAR, REPO, assert_one_line_error, classes, noise, run_cli, run_prepare, snapshot,
+                         stage_repo, users_folder)
 
 LONG = "x" * 250
 BAD = os.fsdecode(b"bad\xff")                       # how os.listdir hands over a name that is not UTF-8

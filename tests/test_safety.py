@@ -260,11 +260,11 @@ def run_prepare(repo: Path, stage: str = "prepare", prefix: tuple[str, ...] = ()
                           timeout=120, env=env)
 
 
-def run_prepare_here(repo: Path, monkeypatch, capsys, stage: str = "prepare") -> tuple[int, str]:
+def run_prepare_here(repo: Path, monkeypatch, capsys) -> tuple[int, str]:
     """The stage script in this process (no second torch import); returns its exit code and stdout."""
     monkeypatch.chdir(repo)
     try:
-        runpy.run_path(f"stages/{stage}.py", run_name="__main__")
+        runpy.run_path("stages/prepare.py", run_name="__main__")
         code = 0
     except SystemExit as exit_info:
         code = exit_info.code
