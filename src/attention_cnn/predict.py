@@ -4,11 +4,15 @@
 Every image file under the folder is found by the prepare stage's own walker (data/discover.py: recursive;
 hidden, non-regular and symlinked-back files are not read) and decoded by its own decoder (data/decode.py:
 EXIF orientation, every mode to RGB, the decompression-bomb guard), resized to the model's img_size by the
-policy its training images were prepared with (data.resize, stored in the model file), and classified. Writes into the --out folder:
+policy its training images were prepared with (data.resize, stored in the model file), and classified.
+Writes into the --out folder:
     predictions.csv  file, predicted_class, confidence, top1_class, top1_prob, top2_class, top2_prob, ...
                      (one column per value: any class name, even "a:0.9;b", reads back exactly)
-    skipped.csv      file, reason: image files that could not be decoded and files that are not images
-    <file>.png       the input | before | mask | after figure of each image (visualize.py), unless figures=False
+    skipped.csv      file, reason: image files that could not be decoded, files that are not images, and
+                     folders that could not be listed ("sub/")
+    <file>.png       the input | before | mask | after figure of each image (visualize.py), unless figures=False;
+                     named by figure_names, unique and short whatever the names and depth of the files
+Names that are not valid UTF-8 are written with escapes ("\\xff", discover.display_name).
 Bad files are reported, never fatal; the run fails (UserError) only when nothing could be predicted.
 """
 

@@ -186,9 +186,9 @@ class PrepareReport:
             line += f", masks {self.masks['matched']}/{self.kept}" + ("" if self.masks["used"] else " (not used)")
         if self.unreadable:
             lost = sorted({e["class"] for e in self.unreadable if "class" in e})
+            classes = f" from class{'es' if len(lost) > 1 else ''} {', '.join(repr(c) for c in lost)}" if lost else ""
             line += (f"; WARNING: {len(self.unreadable)} folder{'s' if len(self.unreadable) > 1 else ''} could not "
-                     f"be listed, so their images are missing"
-                     + (f" from class{'es' if len(lost) > 1 else ''} {', '.join(repr(c) for c in lost)}" if lost else ""))
+                     f"be listed, so their images are missing{classes}")
         if self.duplicates_across_splits:
             n = sum(len(group["files"]) for group in self.duplicates_across_splits)
             line += (f"; WARNING: {n} byte-identical files in different splits "
