@@ -180,10 +180,11 @@ def test_a_folder_that_cannot_be_listed_is_reported_with_the_class_it_empties(tm
         assert done.returncode == 0, done.stderr
         report = json.loads((tmp_path / "repo/data/prepared/report.json").read_text())
         assert report["kept"] == 10 and report["unreadable"] == [{
-            "path": "forest/private/", "reason": "folder cannot be listed (Permission denied): the images in it "
-                                                "are not read", "class": "forest"}]
+            "path": "forest/private/", "reason": "cannot be listed (Permission denied): its images are not read",
+            "class": "forest"}]
         assert "WARNING: 1 folder could not be listed, so their images are missing from class 'forest'" in done.stdout
-        assert "not listed forest/private/: folder cannot be listed (Permission denied)" in done.stdout
+        assert "unreadable forest/private/: cannot be listed (Permission denied): its images are not read (class " \
+               "'forest' loses them)" in done.stdout
 
         model = tmp_path / "model.pt"
         save_model(model, AttentionCNN(2, 16, ModelParams(channels=4, hidden=8)).eval(), ["a", "b"], resize="stretch")
@@ -193,8 +194,7 @@ def test_a_folder_that_cannot_be_listed_is_reported_with_the_class_it_empties(tm
                                    env={**os.environ, "PYTHONPATH": str(REPO / "src")})
         assert predicted.returncode == 0, predicted.stderr
         skipped = {row["file"]: row["reason"] for row in read_csv(tmp_path / "out/skipped.csv")}
-        assert skipped == {"forest/private/": "folder cannot be listed (Permission denied): the images in it are "
-                                              "not read"}
+        assert skipped == {"forest/private/": "cannot be listed (Permission denied): its images are not read"}
         assert "skipped" in predicted.stderr and "forest/private" in predicted.stderr
     finally:
         (source / "forest" / "private").chmod(0o755)

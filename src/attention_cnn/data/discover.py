@@ -68,7 +68,7 @@ class Skips:
 
 
 def unreadable_reason(exc: OSError) -> str:
-    return f"folder cannot be listed ({exc.strerror or exc}): the images in it are not read"
+    return f"cannot be listed ({exc.strerror or exc}): its images are not read"
 
 
 def _non_regular_reason(path: str) -> str | None:
@@ -341,7 +341,7 @@ def _check_has_files(found: Discovery) -> None:
         lost = [e for e in found.skips.unreadable if e.get("class") == display_name(found.classes[label])]
         if count == 0 and lost:
             raise UserError(f"data.source: class '{found.classes[label]}' has no readable image: "
-                            f"{found.source / lost[0]['path']} {lost[0]['reason'].split(':')[0]}. Give this user "
+                            f"{found.source / lost[0]['path']}/ {lost[0]['reason'].split(':')[0]}. Give this user "
                             f"read and execute permission on it (chmod -R u+rX {where}), or remove the folder.")
         if count == 0:
             raise UserError(f"data.source: class '{found.classes[label]}' has no readable image: "

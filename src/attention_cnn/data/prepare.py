@@ -200,7 +200,7 @@ class PrepareReport:
 
     def first_not_read(self, limit: int = CONSOLE_LIST) -> list[str]:
         """The first `limit` skipped or ignored files with their reasons, as console lines."""
-        entries = ([("not listed", e) for e in self.unreadable] + [("skipped", e) for e in self.skipped]
+        entries = ([("unreadable", e) for e in self.unreadable] + [("skipped", e) for e in self.skipped]
                    + [("ignored", e) for e in self.ignored])
         lines = [f"  {kind} {entry['path']}: {entry['reason']}"
                  + (f" (class '{entry['class']}' loses them)" if "class" in entry else "")
