@@ -196,8 +196,17 @@ def test_a_folder_that_cannot_be_listed_is_reported_with_the_class_it_empties(tm
         skipped = {row["file"]: row["reason"] for row in read_csv(tmp_path / "out/skipped.csv")}
         assert skipped == {"forest/private/": "cannot be listed (Permission denied): its images are not read"}
         assert "skipped" in predicted.stderr and "forest/private" in predicted.stderr
+
+        (source / "sea").chmod(0)  # a whole class: prepare stops, and says which folder and what to run
+        before = snapshot(tmp_path / "repo/data/prepared")
+        done = run_prepare(tmp_path / "repo", prefix=prefix)
+        assert done.returncode == 2 and snapshot(tmp_path / "repo/data/prepared") == before
+        assert_one_line_error(done.stderr, "class 'sea' has no readable image",
+                              f"{source / 'sea'}/ cannot be listed (Permission denied)",
+                              f"chmod -R u+rX {source / 'sea'}")
     finally:
-        (source / "forest" / "private").chmod(0o755)
+        for folder in (source / "forest" / "private", source / "sea"):
+            folder.chmod(0o755)
 
 
 def test_an_output_folder_that_cannot_be_written_is_refused_before_training(repo, tmp_path):
