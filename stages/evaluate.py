@@ -8,8 +8,7 @@ from attention_cnn.params import load_params
 def main() -> None:
     params = load_params()
     result = evaluate(params, prepared_dir="data/prepared", model_path="models/model.pt",
-                      metrics_dir="metrics/evaluate", out_dir="output/evaluate",
-                      train_metrics="metrics/train/metrics.json")
+                      metrics_dir="metrics/evaluate", out_dir="output/evaluate")
     print(f"evaluate: test accuracy {result.metrics['accuracy']:.4f}, macro F1 {result.metrics['macro/f1']:.4f}")
 
 

@@ -4,12 +4,13 @@ import sys
 from attention_cnn.distributed import launch_under_torchrun
 from attention_cnn.errors import exit_on_user_error
 from attention_cnn.params import load_params
-from attention_cnn.train import train
+from attention_cnn.train import check_outputs_writable, train
 
 
 @exit_on_user_error
 def main() -> None:
     params = load_params()
+    check_outputs_writable("models/model.pt", "models/.checkpoints", "metrics/train")
     # Several processes (train.nproc) or machines (train.nnodes; this is node 0): re-run this script under
     # torchrun, then exit.
     launch_under_torchrun(params.train, worker=sys.argv)

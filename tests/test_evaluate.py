@@ -63,7 +63,8 @@ def workspace(tmp_path_factory):
     for attention in ("conv", "none"):
         torch.manual_seed(0)
         model = AttentionCNN(len(CLASSES), S, ModelParams(attention=attention, channels=8, hidden=16, dropout=0.0))
-        save_model(root / f"model_{attention}.pt", train_briefly(model, make_split(seed=0)), CLASSES)
+        save_model(root / f"model_{attention}.pt", train_briefly(model, make_split(seed=0)), CLASSES,
+                   resize="stretch", best_epoch=7)
     return root
 
 
@@ -84,7 +85,7 @@ def test_evaluate_writes_metrics_confusion_and_gallery(workspace, evaluated):
     assert metrics["accuracy"] == pytest.approx(evaluated.report.accuracy)
     assert metrics["macro_f1"] == pytest.approx(evaluated.report.macro_f1)
     # The headline only, so `dvc metrics show` fits a terminal: per-class numbers live in per_class.json.
-    assert set(metrics) == {"accuracy", "macro_f1", "loss", "top2_accuracy", "ece"}
+    assert set(metrics) == {"accuracy", "macro_f1", "loss", "top2_accuracy", "ece", "best_epoch"}
     for method in ("attention", "gradcam", "random"):
         scores = json.loads((workspace / f"metrics/evaluate/{method}.json").read_text())
         assert set(scores) == {"deletion_auc", "insertion_auc", "pointing_game"}
@@ -125,17 +126,9 @@ def test_a_model_without_attention_reports_no_attention_metrics(workspace):
     assert set(result.map_quality) == {"gradcam", "random"}
 
 
-def test_the_best_epoch_comes_from_the_train_metrics(workspace, tmp_path):
-    train_metrics = tmp_path / "train.json"
-    train_metrics.write_text(json.dumps({"train": {"loss": 0.5}, "best": {"epoch": 7, "val_accuracy": 0.9}}))
-    result = evaluate(PARAMS, workspace / "prepared", workspace / "model_conv.pt", tmp_path / "m", tmp_path / "o",
-                      train_metrics=train_metrics)
+def test_the_best_epoch_comes_from_the_model_file(workspace, tmp_path):
+    result = evaluate(PARAMS, workspace / "prepared", workspace / "model_conv.pt", tmp_path / "m", tmp_path / "o")
     assert json.loads((tmp_path / "m/metrics.json").read_text())["best_epoch"] == 7 == result.headline["best_epoch"]
-    train_metrics.write_text("{}")
-    with pytest.raises(UserError, match="train.json: holds no best.epoch"):
-        evaluate(PARAMS, workspace / "prepared", workspace / "model_conv.pt", tmp_path / "m2", tmp_path / "o2",
-                 train_metrics=train_metrics)
-    assert not (tmp_path / "m2").exists()
 
 
 def test_batched_logits_equal_one_batch_with_a_short_last_batch(workspace):
@@ -163,7 +156,7 @@ def test_the_learned_attention_beats_random_on_a_trained_model(workspace):
 def test_stale_model_is_refused(workspace, tmp_path):
     torch.manual_seed(0)
     other = AttentionCNN(2, S, ModelParams(channels=8, hidden=16))
-    save_model(tmp_path / "other.pt", other, ["cat", "dog"])
+    save_model(tmp_path / "other.pt", other, ["cat", "dog"], resize="stretch")
     with pytest.raises(UserError, match="trained on classes"):
         evaluate(PARAMS, workspace / "prepared", tmp_path / "other.pt", tmp_path / "m", tmp_path / "o")
     assert not (tmp_path / "m").exists() and not (tmp_path / "o").exists()

@@ -138,9 +138,10 @@ def test_saved_model_round_trips_to_identical_logits(tmp_path):
     model.train()
     model(torch.rand(8, 3, IMG, IMG))  # move the BatchNorm running stats off their defaults
     model.eval()
-    path = save_model(tmp_path / "model.pt", model, classes=["a", "b", "c", "d"])
+    path = save_model(tmp_path / "model.pt", model, classes=["a", "b", "c", "d"], resize="pad", best_epoch=3)
     loaded = load_model(path)
     assert loaded.classes == ["a", "b", "c", "d"] and loaded.img_size == IMG
+    assert loaded.resize == "pad" and loaded.best_epoch == 3
     assert loaded.model.params == ModelParams(attention="conv", channels=C, hidden=16, dropout=0.3)
     assert not loaded.model.training
     torch.testing.assert_close(loaded.model.mean.flatten(), torch.tensor([0.2, 0.4, 0.6]))

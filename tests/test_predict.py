@@ -1,6 +1,7 @@
 """`attention-cnn predict` on a folder with good, odd and broken files; the command line itself."""
 
 import csv
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -26,7 +27,7 @@ VALID = ["a.jpg", "nested/grey image.png", "nested/rgba.PNG"]
 def model_path(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     model = AttentionCNN(len(CLASSES), S, ModelParams(channels=8, hidden=16))
-    return save_model(tmp_path_factory.mktemp("model") / "model.pt", model.eval(), CLASSES)
+    return save_model(tmp_path_factory.mktemp("model") / "model.pt", model.eval(), CLASSES, resize="stretch")
 
 
 @pytest.fixture
@@ -55,7 +56,8 @@ def test_predict_writes_one_row_per_valid_image_and_reports_bad_files(model_path
     result = predict_folder(model_path, folder, out, top_k=2, batch_size=2, workers=1, progress=False)
     rows = read_csv(out / "predictions.csv")
     assert [r["file"] for r in rows] == VALID
-    assert list(rows[0]) == ["file", "predicted_class", "confidence", "top_k"]
+    assert list(rows[0]) == ["file", "predicted_class", "confidence", "top1_class", "top1_prob", "top2_class",
+                             "top2_prob"]
 
     # The same predictions as the model gives on the prepare stage's decoding of each file.
     model = load_model(model_path).model
@@ -65,8 +67,7 @@ def test_predict_writes_one_row_per_valid_image_and_reports_bad_files(model_path
     for row, p in zip(rows, probs):
         assert row["predicted_class"] == CLASSES[int(p.argmax())]
         assert float(row["confidence"]) == pytest.approx(float(p.max()), abs=1e-3)
-        top = [entry.split(":") for entry in row["top_k"].split(";")]
-        assert len(top) == 2
+        top = [[row[f"top{r}_class"], row[f"top{r}_prob"]] for r in (1, 2)]
         assert top[0] == [row["predicted_class"], row["confidence"]]
         values = [float(v) for _, v in top]
         assert values == sorted(values, reverse=True) and 0 <= sum(values) <= 1 + 1e-3
@@ -91,7 +92,7 @@ def test_full_top_k_sums_to_one_and_a_rerun_replaces_the_output(model_path, fold
         rows = read_csv(out / "predictions.csv")
         assert len(rows) == len(VALID)
         for row in rows:
-            assert sum(float(e.split(":")[1]) for e in row["top_k"].split(";")) == pytest.approx(1, abs=2e-3)
+            assert sum(float(row[f"top{r}_prob"]) for r in (1, 2, 3)) == pytest.approx(1, abs=2e-3)
     assert not list(out.glob("*.png"))
     assert sorted(p.name for p in folder.iterdir() if p.name.startswith(".")) == [".hidden.jpg"]  # no temp dirs
 
@@ -137,15 +138,21 @@ def test_parallel_decoding_equals_serial_decoding(tmp_path):
         Image.fromarray(rng.integers(0, 255, (12, 9, 3), dtype=np.uint8)).save(path)
         paths.append(path)
     paths[7].write_bytes(b"broken")
-    serial = decode_files(paths, 8, workers=1, progress=False)
-    parallel = decode_files(paths, 8, workers=2, progress=False)
+    serial = decode_files(paths, 8, "stretch", workers=1, progress=False)
+    parallel = decode_files(paths, 8, "stretch", workers=2, progress=False)
     assert [d.error is None for d in parallel] == [i != 7 for i in range(130)]
     assert [d.error for d in parallel] == [d.error for d in serial]
     assert all(np.array_equal(a.pixels, b.pixels) for a, b in zip(serial, parallel) if a.error is None)
 
 
-def test_figure_names_are_safe_and_unique():
-    assert figure_names(["a b.jpg", "a_b.jpg", "sub/c.png"]) == ["a_b.jpg.png", "a_b.jpg-2.png", "sub__c.png.png"]
+def test_figure_names_are_safe_unique_and_short():
+    files = ["a_b.jpg", "a b.jpg", "sub/c.png", "sub__c.png", "café.jpg", "caf.jpg", "caf_.jpg",
+             "x" * 250 + "1.jpg", "x" * 250 + "2.jpg", "/".join(["deep"] * 60) + "/y.jpg", "bad\udcff.jpg"]
+    names = figure_names(files)
+    assert names[0] == "a_b.jpg.png" and names[1].startswith("a_b.jpg~")  # a safe name is kept as it is
+    assert names[2].startswith("sub__c.png~") and names[3] == "sub__c.png.png"
+    assert len(set(names)) == len(files) and names == figure_names(files)  # unique, and stable
+    assert all(re.fullmatch(r"[A-Za-z0-9_.~-]{1,120}", name) for name in names), names
 
 
 def test_help_lists_every_command():

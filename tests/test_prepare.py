@@ -370,7 +370,8 @@ def test_split_would_be_empty(tmp_path):
     src = class_folders(tmp_path / "src", classes=("cat", "dog"))
     noise(src / "rare" / "a.png", 1)
     noise(src / "rare" / "b.png", 2)
-    expect_error(tmp_path, src, "class 'rare' has 2 readable image(s)", "Add images", "data.val_fraction")
+    expect_error(tmp_path, src, "class 'rare' has only 2 readable images", "no data.val_fraction / "
+                 "data.test_fraction can split them", "Add at least 1 more image to")
 
 
 def test_train_test_layout_errors(tmp_path):

@@ -79,7 +79,7 @@ def workspace(tmp_path_factory) -> Path:
             classes=CLASSES))
     torch.manual_seed(0)
     model = AttentionCNN(len(CLASSES), S, ModelParams(channels=4, hidden=8))
-    save_model(root / "models/model.pt", model.eval(), CLASSES)
+    save_model(root / "models/model.pt", model.eval(), CLASSES, resize="stretch")
     params = {"img_size": S, "evaluate": {"batch_size": 4, "faithfulness_images": 2, "faithfulness_steps": 2},
               "visualize": {"num_images": 2, "per_class": 1}}
     (root / "params.yaml").write_text(yaml.safe_dump(params))
@@ -252,10 +252,11 @@ def stage_repo(tmp_path: Path, source: Path, **data) -> Path:
     return repo
 
 
-def run_prepare(repo: Path) -> subprocess.CompletedProcess:
-    """The stage script in its own process: a hang is cut by the timeout instead of stalling the suite."""
+def run_prepare(repo: Path, stage: str = "prepare", prefix: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """The stage script in its own process (run by `prefix`, e.g. setpriv): a hang is cut by the timeout instead
+    of stalling the suite."""
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
-    return subprocess.run([sys.executable, "stages/prepare.py"], cwd=repo, capture_output=True, text=True,
+    return subprocess.run([*prefix, sys.executable, f"stages/{stage}.py"], cwd=repo, capture_output=True, text=True,
                           timeout=120, env=env)
 
 

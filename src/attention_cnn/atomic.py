@@ -88,6 +88,34 @@ def check_replaceable(final: Path, owned: Owned | None) -> None:
                         f"folder as a whole, so it refuses; move those files away, or give a new or empty folder.")
 
 
+def check_writable(final: Path | str) -> None:
+    """Raise UserError naming the folder when `final` (a file or folder to be written) could not be: its nearest
+    existing folder (the rest is created) must be writable by this user. Called before a command's work starts,
+    so that it does not train or score for an hour and then fail on the write."""
+    final = Path(os.path.abspath(final))
+    folder = final.parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise UserError(f"{final}: cannot be written: {folder} is a file, not a folder. Move it away, or choose "
+                        "another place for the outputs.")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        read_only = bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+        why = "it is on a read-only file system" if read_only else "this user may not write to it"
+        raise UserError(f"{final}: cannot be written: {folder} is not writable ({why}). "
+                        + ("Choose a folder on another file system." if read_only else
+                           f"Give write permission on it (chmod u+w {folder}), or choose another place."))
+
+
+def check_output_dir(final: Path | str, owned: Owned | None) -> Path:
+    """The folder atomic_dir will replace (a symlink's target), after refusing one it may not replace or cannot
+    write. Commands call it up front, before any work, so that a refusal costs nothing."""
+    final = Path(os.path.realpath(final)) if Path(final).is_symlink() else Path(final)
+    check_replaceable(final, owned)
+    check_writable(final)
+    return final
+
+
 def _space_errno(exc: BaseException | None, partial: Path | None) -> int | None:
     """The errno that says a failed write ran out of space, or None. Python's writes carry it in the
     exception; torch.save's C++ writer loses it (a RuntimeError), so then the disk and the file-size limit
@@ -124,8 +152,7 @@ def atomic_dir(final: Path | str, owned: Owned | None = None) -> Iterator[Path]:
     With `owned`, a `final` holding files the command did not write is refused before anything is built.
     A symlinked `final` is followed: its target's contents are replaced, the link stays.
     """
-    final = Path(os.path.realpath(final)) if Path(final).is_symlink() else Path(final)
-    check_replaceable(final, owned)
+    final = check_output_dir(final, owned)
     final.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_siblings(final)
     build = _sibling(final, "tmp")

@@ -19,22 +19,36 @@ from attention_cnn.errors import UserError, exit_on_user_error
 from attention_cnn.params import VisualizeParams, load_params
 
 
+DEFAULT_MODEL = "models/model.pt"
+
+
+def _check_given_model(model: str) -> None:
+    """A --model the user typed that does not exist is a wrong path; only the default one is a model not yet
+    trained (load_model says to run `dvc repro train`)."""
+    if model != DEFAULT_MODEL and not Path(model).exists():
+        raise UserError(f"--model {model}: no such file. Check the path; a model is written by `dvc repro train` "
+                        f"to {DEFAULT_MODEL}.")
+
+
 def _predict(args: argparse.Namespace) -> None:
     from attention_cnn.predict import predict_folder  # imported per command: `--help` stays fast
 
+    _check_given_model(args.model)
     predict_folder(args.model, args.images, args.out, top_k=args.top_k, batch_size=args.batch_size,
                    figures=not args.no_figures, colormap=args.colormap, alpha=args.alpha, workers=args.workers)
 
 
 def _train(args: argparse.Namespace) -> None:
     from attention_cnn.distributed import launch_under_torchrun
-    from attention_cnn.train import train
+    from attention_cnn.train import check_outputs_writable, train
 
     params = load_params(args.params)
     nnodes = params.train.nnodes
     if not 0 <= args.node_rank < nnodes:
         raise UserError(f"--node-rank {args.node_rank}: {args.params} has train.nnodes={nnodes}, so the node rank "
                         f"must be 0..{nnodes - 1} (0 is the machine that runs `dvc repro`).")
+    if args.node_rank == 0:  # the machine that writes them
+        check_outputs_writable(args.model, Path(args.model).parent / ".checkpoints", args.metrics_dir)
     # Every torchrun worker runs this same command, and so reads the same files.
     launch_under_torchrun(params.train, node_rank=args.node_rank, worker=[
         "--module", "attention_cnn.cli", "train", "--node-rank", str(args.node_rank), "--params", args.params,
@@ -46,6 +60,7 @@ def _train(args: argparse.Namespace) -> None:
 def _evaluate(args: argparse.Namespace) -> None:
     from attention_cnn.evaluate import evaluate
 
+    _check_given_model(args.model)
     result = evaluate(load_params(args.params), prepared_dir=args.prepared, model_path=args.model,
                       metrics_dir=args.metrics_dir, out_dir=args.out)
     print(f"evaluate: accuracy {result.metrics['accuracy']:.4f}, macro F1 {result.metrics['macro/f1']:.4f} "
@@ -55,6 +70,7 @@ def _evaluate(args: argparse.Namespace) -> None:
 def _visualize(args: argparse.Namespace) -> None:
     from attention_cnn.visualize import visualize
 
+    _check_given_model(args.model)
     result = visualize(load_params(args.params), prepared_dir=args.prepared, model_path=args.model, out_dir=args.out)
     print(f"visualize: {len(result.image_files)} images and {len(result.grid_files)} class grids -> {args.out}/")
 
@@ -86,11 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
         "predict", help="classify every image in a folder; write predictions.csv and a before/after figure each",
         description="Classify every image file under --images (recursively; labelled or not) and write "
                     "predictions.csv, skipped.csv and one input|before|mask|after figure per image into --out.")
-    predict.add_argument("--model", default="models/model.pt", help="trained model file (default: %(default)s)")
+    predict.add_argument("--model", default=DEFAULT_MODEL, help="trained model file (default: %(default)s)")
     predict.add_argument("--images", required=True, help="folder of images, searched recursively")
     predict.add_argument("--out", required=True, help="output folder, replaced as a whole (refused when it holds "
                                                       "other files, or is --images or above it)")
-    predict.add_argument("--top-k", type=int, default=3, help="classes listed per image (default: %(default)s)")
+    predict.add_argument("--top-k", type=int, default=None,
+                         help="classes listed per image (default: up to 3, fewer when the model has fewer)")
     predict.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default: %(default)s)")
     predict.add_argument("--no-figures", action="store_true", help="write the CSV files only (much faster)")
     predict.add_argument("--colormap", default=VisualizeParams.colormap,
@@ -108,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=helptext, description=helptext[0].upper() + helptext[1:] + ".")
         sub.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
         sub.add_argument("--prepared", default="data/prepared", help="prepared splits (default: %(default)s)")
-        sub.add_argument("--model", default="models/model.pt", help="trained model (default: %(default)s)")
+        sub.add_argument("--model", default=DEFAULT_MODEL, help="trained model (default: %(default)s)")
         if name == "evaluate":
             sub.add_argument("--metrics-dir", default="metrics/evaluate",
                              help="DVCLive folder, replaced as a whole (default: %(default)s)")

@@ -1,7 +1,8 @@
 """The evaluate stage: score the trained model on the test split, and measure its attention, not just draw it.
 
 Writes what `dvc metrics show` lists, few numbers so that its table fits a terminal:
-- `metrics_dir/metrics.json`: the headline classification numbers (metrics.py) and the best epoch;
+- `metrics_dir/metrics.json`: the headline classification numbers (metrics.py) and the best epoch (stored in
+  the model file, so evaluate depends on nothing that changes when a retrain gives the same model);
 - `metrics_dir/<method>.json`, one per saliency method (maps.py: `attention`, the learned mask; `gradcam` on the
   same layer; `random`): deletion/insertion AUC and the pointing game against the ground-truth masks when the
   split has them (faithfulness.py). One file per method puts the methods in rows that share three columns.
@@ -23,9 +24,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from attention_cnn.atomic import Owned, atomic_dir
+from attention_cnn.atomic import Owned, atomic_dir, check_output_dir
 from attention_cnn.data.prepared import load_split
-from attention_cnn.errors import UserError
 from attention_cnn.faithfulness import (ScoreFn, deletion_fill, deletion_insertion, perturbation, pointing_game,
                                         pointing_tolerance)
 from attention_cnn.figures import draw_gallery, prediction_label
@@ -129,16 +129,6 @@ def headline_metrics(report: ClassificationReport, best_epoch: int | None) -> di
     return headline
 
 
-def read_best_epoch(train_metrics: Path | str) -> int:
-    """The epoch (from 1) whose weights the model file holds, from the train stage's DVCLive metrics.json."""
-    try:
-        return int(json.loads(Path(train_metrics).read_text())["best"]["epoch"])
-    except FileNotFoundError:
-        raise UserError(f"{train_metrics}: not found. Run `dvc repro train` first.") from None
-    except (ValueError, KeyError, TypeError):
-        raise UserError(f"{train_metrics}: holds no best.epoch. Re-run `dvc repro train`.") from None
-
-
 def per_class_records(report: ClassificationReport) -> list[dict]:
     """One {"class", "metric", "value", "support"} record per class and metric, the layout .dvc/plots/per_class.json
     draws as grouped bars."""
@@ -169,15 +159,15 @@ def write_misclassified(path: Path, images: torch.Tensor, labels: torch.Tensor, 
 
 
 def evaluate(params: Params, prepared_dir: Path | str, model_path: Path | str, metrics_dir: Path | str,
-             out_dir: Path | str, train_metrics: Path | str | None = None) -> EvaluateResult:
+             out_dir: Path | str) -> EvaluateResult:
     """Score `model_path` on the test split of `prepared_dir`; write metrics_dir/{metrics, <method>}.json and
-    out_dir/{per_class.json, confusion.json, misclassified.png}. `train_metrics` (the train stage's
-    metrics.json) gives the best epoch. Raises UserError for a missing or stale model or split."""
+    out_dir/{per_class.json, confusion.json, misclassified.png}, with the best epoch the model file holds.
+    Raises UserError for a missing or stale model or split."""
+    check_output_dir(metrics_dir, METRICS_FILES), check_output_dir(out_dir, PLOT_FILES)  # before computing
     trained = load_for_inference(model_path)
     model = trained.model
     test = load_split(prepared_dir, "test")
     check_model_matches(trained, test, model_path, prepared_dir)
-    best_epoch = read_best_epoch(train_metrics) if train_metrics is not None else None
     cfg = params.evaluate
 
     logits = predict_logits(model, test.images, cfg.batch_size)          # (N, K)
@@ -187,7 +177,7 @@ def evaluate(params: Params, prepared_dir: Path | str, model_path: Path | str, m
     masks = test.masks[subset] if test.masks is not None else None
     quality = attention_quality(model, test.images[subset], masks, saliency_methods(model, params.seed),
                                 cfg.faithfulness_steps, cfg.batch_size)
-    headline = headline_metrics(report, best_epoch)
+    headline = headline_metrics(report, trained.best_epoch)
 
     with atomic_dir(metrics_dir, METRICS_FILES) as metrics_tmp, atomic_dir(out_dir, PLOT_FILES) as out_tmp:
         write_json(metrics_tmp / "metrics.json", headline)

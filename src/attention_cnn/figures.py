@@ -7,6 +7,7 @@ The attention panels (input | before | mask | after, with a colour bar) are in p
 
 from __future__ import annotations
 
+import hashlib
 import re
 from pathlib import Path
 
@@ -16,12 +17,25 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 DPI = 90
+STEM_CHARS = 100  # readable part of an output file name: with a prefix and the hash, far below NAME_MAX (255)
 
 
 def safe_name(text: str) -> str:
     """A file-name-safe version of `text`: ASCII letters, digits, '-', '_' and '.'; the rest -> '_'."""
     name = re.sub(r"[^A-Za-z0-9_.-]", "_", text).strip("._")
     return name or "image"
+
+
+def unique_stem(text: str) -> str:
+    """A file-name stem for `text` that no other text gets: `text` itself when it is already safe (safe_name)
+    and short, else its safe form cut to STEM_CHARS + "~" + a hash of the whole text. "~" is not a safe
+    character, so a hashed stem never equals a kept one, and texts that differ (`café` and `caf`, `a/b` and
+    `a__b`, two 250-character names alike at the start) get different stems. Names that are not valid UTF-8
+    (surrogate-escaped by os.listdir) hash by their original bytes."""
+    if safe_name(text) == text and len(text) <= STEM_CHARS:
+        return text
+    digest = hashlib.blake2b(text.encode("utf-8", "surrogateescape"), digest_size=5).hexdigest()
+    return f"{safe_name(text.replace('/', '__'))[:STEM_CHARS]}~{digest}"
 
 
 def image_array(image: torch.Tensor) -> np.ndarray:

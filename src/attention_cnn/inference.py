@@ -37,11 +37,12 @@ def load_for_inference(model_path: Path | str) -> TrainedModel:
 
 def check_model_matches(trained: TrainedModel, split: PreparedSplit, model_path: Path | str,
                         prepared_dir: Path | str) -> None:
-    """Refuse to score a model on data with other classes or another image size (a stale model or split)."""
-    if split.classes != trained.classes or split.img_size != trained.img_size:
+    """Refuse to score a model on data with other classes, another image size or another resize policy (a
+    stale model or split)."""
+    if (split.classes, split.img_size, split.resize) != (trained.classes, trained.img_size, trained.resize):
         raise UserError(f"{model_path}: the model was trained on classes {trained.classes} at {trained.img_size} "
-                        f"px, but {prepared_dir} holds {split.classes} at {split.img_size} px. Run `dvc repro` to "
-                        f"retrain on the prepared data.")
+                        f"px ({trained.resize}), but {prepared_dir} holds {split.classes} at {split.img_size} px "
+                        f"({split.resize}). Run `dvc repro` to retrain on the prepared data.")
 
 
 def images_to_float(images: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:

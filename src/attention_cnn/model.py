@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from attention_cnn.atomic import atomic_torch_save
 from attention_cnn.errors import UserError
-from attention_cnn.params import ModelParams, ParamsError, parse_params
+from attention_cnn.params import RESIZE_POLICIES, ModelParams, ParamsError, parse_params
 
 class AttentionOutput(NamedTuple):
     logits: torch.Tensor    # (B, K)
@@ -239,27 +239,34 @@ class AttentionCNN(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Saving and loading: models/model.pt holds everything prediction needs.
+# Saving and loading: models/model.pt holds everything prediction needs: the weights (with the normalisation
+# mean and std, buffers), the classes, and how an image was made into the model's input during training (the
+# resize policy of data.resize at img_size), so that predict on a raw file sees what training saw.
 
-MODEL_FORMAT = 1
+MODEL_FORMAT = 2  # 2: adds "resize" and "best_epoch"; a format-1 file cannot say how its images were resized
 
 
 @dataclass
 class TrainedModel:
-    model: AttentionCNN   # in eval mode; its params are model.params
+    model: AttentionCNN      # in eval mode; its params are model.params
     classes: list[str]
     img_size: int
+    resize: str              # data.resize of the prepared images it was trained on (params.RESIZE_POLICIES)
+    best_epoch: int | None   # the epoch (from 1) whose weights these are; None when not written by training
 
 
-def save_model(path: Path | str, model: AttentionCNN, classes: list[str],
-               state_dict: dict[str, torch.Tensor] | None = None) -> Path:
-    """Write the model atomically. `state_dict` overrides the model's own (e.g. the best epoch's weights)."""
+def save_model(path: Path | str, model: AttentionCNN, classes: list[str], *, resize: str,
+               best_epoch: int | None = None, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write the model atomically. `resize` is the policy its training images were resized with; `state_dict`
+    overrides the model's own (e.g. the best epoch's weights)."""
     state = state_dict if state_dict is not None else model.state_dict()
     blob = {
         "format": MODEL_FORMAT,
         "state_dict": {k: v.detach().cpu() for k, v in state.items()},
         "classes": list(classes),
         "img_size": model.img_size,
+        "resize": resize,
+        "best_epoch": best_epoch,
         "params": dataclasses.asdict(model.params),
     }
     return atomic_torch_save(blob, path)
@@ -281,8 +288,18 @@ def _read_model_file(path: Path, map_location: torch.device | str) -> tuple[dict
         # RuntimeError, UnpicklingError, EOFError, ... and some of its messages suggest an unsafe load
         raise _not_ours(path, f"not a readable model file ({type(exc).__name__}; truncated, damaged, or "
                               "written by another program)") from exc
+    if isinstance(blob, dict) and isinstance(blob.get("format"), int) and blob["format"] < MODEL_FORMAT:
+        raise _not_ours(path, f"written by an older attention_cnn (model format {blob['format']}), which did not "
+                              "store how training resized its images (data.resize), so predict could not see "
+                              "images as training did")
     if not isinstance(blob, dict) or blob.get("format") != MODEL_FORMAT:
         raise _not_ours(path, "not a model written by this version of attention_cnn")
+    if blob.get("resize") not in RESIZE_POLICIES:
+        raise _not_ours(path, f"its stored 'resize' must be one of {', '.join(RESIZE_POLICIES)}, "
+                              f"got {blob.get('resize')!r}")
+    best = blob.get("best_epoch")
+    if best is not None and not (type(best) is int and best >= 1):
+        raise _not_ours(path, f"its stored 'best_epoch' must be an epoch number from 1, got {best!r}")
     classes = blob.get("classes")
     if not (isinstance(classes, list) and len(classes) >= 2 and all(isinstance(c, str) for c in classes)):
         raise _not_ours(path, f"its stored 'classes' must be a list of at least two names, got {classes!r}")
@@ -310,4 +327,5 @@ def load_model(path: Path | str, map_location: torch.device | str = "cpu") -> Tr
     except RuntimeError as exc:  # weights of another architecture under the same format number
         raise _not_ours(path, "its weights do not fit this version's model") from exc
     model.to(map_location).eval()
-    return TrainedModel(model=model, classes=list(blob["classes"]), img_size=img_size)
+    return TrainedModel(model=model, classes=list(blob["classes"]), img_size=img_size, resize=blob["resize"],
+                        best_epoch=blob["best_epoch"])

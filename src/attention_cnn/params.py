@@ -228,13 +228,30 @@ def parse_params(raw: Any) -> Params:
     return params
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping. PyYAML keeps the last one silently, but
+    DVC refuses the file: the stages and `dvc exp show` must never read two different values from it."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        first_line: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in first_line:
+                raise ParamsError(f"{Path(key_node.start_mark.name)}: key '{key}' is given twice, on lines "
+                                  f"{first_line[key]} and {line}; DVC refuses such a file. Keep one of them.")
+            first_line[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_params(path: Path | str = "params.yaml") -> Params:
     """Read and validate params.yaml. Raises ParamsError naming the key at fault."""
     path = Path(path)
     if not path.is_file():
         raise ParamsError(f"{path}: not found. Run from the repository root, where params.yaml lives.")
     try:
-        raw = yaml.safe_load(path.read_text())
+        with open(path, "rb") as f:  # by file: the marks carry its name; bytes: bad UTF-8 is a YAMLError
+            raw = yaml.load(f, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as exc:
         raise ParamsError(f"{path}: not valid YAML ({exc}).") from exc
     return parse_params(raw)

@@ -3,11 +3,16 @@
 
 Every image file under the folder is found by the prepare stage's own walker (data/discover.py: recursive;
 hidden, non-regular and symlinked-back files are not read) and decoded by its own decoder (data/decode.py:
-EXIF orientation, every mode to RGB, the decompression-bomb guard), stretched to the model's img_size, and
-classified. Writes into the --out folder:
-    predictions.csv  file, predicted_class, confidence, top_k ("forest:0.9100;sea:0.0500;...")
-    skipped.csv      file, reason: image files that could not be decoded and files that are not images
-    <file>.png       the input | before | mask | after figure of each image (visualize.py), unless figures=False
+EXIF orientation, every mode to RGB, the decompression-bomb guard), resized to the model's img_size by the
+policy its training images were prepared with (data.resize, stored in the model file), and classified.
+Writes into the --out folder:
+    predictions.csv  file, predicted_class, confidence, top1_class, top1_prob, top2_class, top2_prob, ...
+                     (one column per value: any class name, even "a:0.9;b", reads back exactly)
+    skipped.csv      file, reason: image files that could not be decoded, files that are not images, and
+                     folders that could not be listed ("sub/")
+    <file>.png       the input | before | mask | after figure of each image (visualize.py), unless figures=False;
+                     named by figure_names, unique and short whatever the names and depth of the files
+Names that are not valid UTF-8 are written with escapes ("\\xff", discover.display_name).
 Bad files are reported, never fatal; the run fails (UserError) only when nothing could be predicted.
 """
 
@@ -24,17 +29,17 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from attention_cnn.atomic import Owned, atomic_dir, check_replaceable
+from attention_cnn.atomic import Owned, atomic_dir, check_output_dir
 from attention_cnn.data.decode import Decoded, decode_image, parallel_map, resolve_workers
-from attention_cnn.data.discover import Skips, image_extensions, walk_images
+from attention_cnn.data.discover import Skips, display_name, image_extensions, walk_images
 from attention_cnn.errors import UserError
 from attention_cnn.model import TrainedModel
 from attention_cnn.params import VisualizeParams
-from attention_cnn.figures import prediction_label, safe_name
+from attention_cnn.figures import prediction_label, unique_stem
 from attention_cnn.inference import load_for_inference
 from attention_cnn.panels import PanelFigure, check_colormap, compute_panels
 
-RESIZE_POLICY = "stretch"  # as the seed, and as the default prepare stage
+DEFAULT_TOP_K = 3          # classes listed per image when --top-k is not given (fewer if the model has fewer)
 MIN_FILES_PER_WORKER = 64  # below this a decode process costs more than it saves
 # What an earlier predict wrote; an --out holding anything else is refused, never replaced.
 PREDICT_FILES = Owned(sign="predictions.csv", patterns=("predictions.csv", "skipped.csv", "*.png"))
@@ -42,13 +47,13 @@ PREDICT_FILES = Owned(sign="predictions.csv", patterns=("predictions.csv", "skip
 
 @dataclass(frozen=True)
 class Skipped:
-    file: str    # relative to the images folder
+    file: str    # relative to the images folder, as display_name shows it
     reason: str
 
 
 @dataclass(frozen=True)
 class Prediction:
-    file: str                 # relative to the images folder
+    file: str                 # relative to the images folder, as display_name shows it
     predicted_class: str
     confidence: float
     top_k: list[tuple[str, float]]  # most probable first
@@ -69,29 +74,29 @@ class FolderListing:
 def list_folder(folder: Path, exclude: Path | None = None) -> FolderListing:
     """Every image file under `folder`, by the same rules as prepare. `exclude` (the output folder, when it
     lies inside) is not read, so a second run does not classify the first run's figures."""
+    try:
+        os.scandir(folder).close()  # the folder itself: nothing to predict on, so fatal (a sub-folder is reported)
+    except OSError as exc:
+        raise UserError(f"--images {folder}: cannot be listed ({exc.strerror or exc}). Give this user read and "
+                        f"execute permission on it (chmod u+rx), or choose another folder.") from None
     skips = Skips()
     images = walk_images(folder, skips=skips, exclude=exclude)
-    return FolderListing(images=images, not_read=[Skipped(e["path"], e["reason"]) for e in skips.ignored])
+    return FolderListing(images=images, not_read=[Skipped(display_name(e["path"]), e["reason"])
+                                                  for e in skips.unreadable + skips.ignored])
 
 
-def decode_files(paths: list[Path], img_size: int, workers: int, progress: bool) -> list[Decoded]:
-    """Decode every file with the prepare stage's `decode_image` and its process-pool map."""
-    decode = functools.partial(decode_image, img_size=img_size, policy=RESIZE_POLICY)
+def decode_files(paths: list[Path], img_size: int, resize: str, workers: int, progress: bool) -> list[Decoded]:
+    """Decode every file with the prepare stage's `decode_image` and its process-pool map, resized by the
+    model's own policy (a model trained on padded images scores chance on stretched ones)."""
+    decode = functools.partial(decode_image, img_size=img_size, policy=resize)
     workers = min(resolve_workers(workers), max(1, len(paths) // MIN_FILES_PER_WORKER))
     return list(parallel_map(decode, paths, workers, "predict: decode", progress))
 
 
 def figure_names(files: list[str]) -> list[str]:
-    """A safe, unique figure name per file: its relative path with '/' -> '__', unsafe characters -> '_'."""
-    names, used = [], set()
-    for file in files:
-        base = safe_name(file.replace("/", "__"))
-        name, n = f"{base}.png", 2
-        while name in used:  # two paths that differ only in unsafe characters
-            name, n = f"{base}-{n}.png", n + 1
-        used.add(name)
-        names.append(name)
-    return names
+    """A safe figure name per file, unique by construction and short whatever the folder's depth (unique_stem:
+    a nested or unsafe path keeps its readable start, '/' -> '__', plus a hash of the whole path)."""
+    return [f"{unique_stem(file)}.png" for file in files]
 
 
 def _check_out_dir(out_dir: Path, images_dir: Path) -> None:
@@ -101,7 +106,7 @@ def _check_out_dir(out_dir: Path, images_dir: Path) -> None:
     if out_real == images_real or out_real in images_real.parents:
         raise UserError(f"--out {out_dir}: is the --images folder or a folder above it, and predict replaces "
                         f"its --out as a whole. Give a new folder, e.g. {images_dir / 'predictions'}.")
-    check_replaceable(out_real, PREDICT_FILES)
+    check_output_dir(out_real, PREDICT_FILES)
 
 
 def _write_csv(path: Path, header: list[str], rows: list[list]) -> None:
@@ -113,18 +118,19 @@ def _write_csv(path: Path, header: list[str], rows: list[list]) -> None:
 
 @dataclass(frozen=True)
 class _Inputs:
-    files: list[str]       # relative to the images folder, decoded
+    files: list[str]       # relative to the images folder, decoded; real names (display_name to show them)
     pixels: torch.Tensor   # (N, 3, S, S) uint8
     skipped: list[Skipped]
 
 
-def _read_images(images_dir: Path, out_dir: Path, img_size: int, workers: int, progress: bool) -> _Inputs:
+def _read_images(images_dir: Path, out_dir: Path, trained: TrainedModel, workers: int, progress: bool) -> _Inputs:
     listing = list_folder(images_dir, exclude=out_dir)
     if not listing.images:
         raise UserError(f"--images {images_dir}: holds no image files (looked for "
                         f"{', '.join(sorted(image_extensions())[:8])}, ... in every sub-folder).")
-    decoded = decode_files([images_dir / rel for rel in listing.images], img_size, workers, progress)
-    skipped = [Skipped(rel, d.error) for rel, d in zip(listing.images, decoded) if d.error is not None]
+    decoded = decode_files([images_dir / rel for rel in listing.images], trained.img_size, trained.resize, workers,
+                           progress)
+    skipped = [Skipped(display_name(rel), d.error) for rel, d in zip(listing.images, decoded) if d.error is not None]
     skipped += listing.not_read
     kept = [i for i, d in enumerate(decoded) if d.error is None]
     if not kept:
@@ -152,15 +158,25 @@ def _classify(trained: TrainedModel, inputs: _Inputs, tmp: Path, top_k: int, bat
                 predicted, confidence = int(panels.predictions[j]), float(panels.confidence[j])
                 if figure is not None:
                     figure.draw_row(0, panels, j, "")
-                    figure.save(tmp / names[n], title=f"{files[n]}\n{prediction_label(classes, predicted, confidence)}")
+                    figure.save(tmp / names[n],
+                                title=f"{display_name(files[n])}\n{prediction_label(classes, predicted, confidence)}")
                 predictions.append(Prediction(
-                    file=files[n], predicted_class=classes[predicted], confidence=confidence,
+                    file=display_name(files[n]), predicted_class=classes[predicted], confidence=confidence,
                     top_k=[(classes[int(i)], float(p)) for p, i in zip(top_p[j], top_i[j])]))
                 bar.update()
     return predictions
 
 
-def predict_folder(model_path: Path | str, images_dir: Path | str, out_dir: Path | str, top_k: int = 3,
+def _predictions_table(predictions: list[Prediction], top_k: int) -> tuple[list[str], list[list]]:
+    """predictions.csv's header and rows: every class name and probability in a column of its own."""
+    header = ["file", "predicted_class", "confidence"]
+    header += [f"top{r}_{what}" for r in range(1, top_k + 1) for what in ("class", "prob")]
+    rows = [[p.file, p.predicted_class, f"{p.confidence:.4f}",
+             *[x for name, prob in p.top_k for x in (name, f"{prob:.4f}")]] for p in predictions]
+    return header, rows
+
+
+def predict_folder(model_path: Path | str, images_dir: Path | str, out_dir: Path | str, top_k: int | None = None,
                    batch_size: int = 256, figures: bool = True, colormap: str = VisualizeParams.colormap,
                    alpha: float = VisualizeParams.alpha, workers: int = 0, progress: bool = True) -> PredictResult:
     images_dir, out_dir = Path(images_dir), Path(out_dir)
@@ -173,16 +189,16 @@ def predict_folder(model_path: Path | str, images_dir: Path | str, out_dir: Path
     check_colormap(colormap)
     _check_out_dir(out_dir, images_dir)
     trained = load_for_inference(model_path)
-    if not 1 <= top_k <= len(trained.classes):
+    if top_k is None:
+        top_k = min(DEFAULT_TOP_K, len(trained.classes))
+    elif not 1 <= top_k <= len(trained.classes):
         raise UserError(f"--top-k must be between 1 and the model's {len(trained.classes)} classes, got {top_k}.")
-    inputs = _read_images(images_dir, out_dir, trained.img_size, workers, progress)
+    inputs = _read_images(images_dir, out_dir, trained, workers, progress)
     with atomic_dir(out_dir, PREDICT_FILES) as tmp:
         figure = PanelFigure(1, colormap, alpha, mask_panel=trained.model.learns_mask) if figures else None
         predictions = _classify(trained, inputs, tmp, top_k, batch_size, figure, progress)
         _write_csv(tmp / "skipped.csv", ["file", "reason"], [[s.file, s.reason] for s in inputs.skipped])
-        _write_csv(tmp / "predictions.csv", ["file", "predicted_class", "confidence", "top_k"],
-                   [[p.file, p.predicted_class, f"{p.confidence:.4f}",
-                     ";".join(f"{name}:{prob:.4f}" for name, prob in p.top_k)] for p in predictions])
+        _write_csv(tmp / "predictions.csv", *_predictions_table(predictions, top_k))
     print(f"predict: {len(predictions)} images -> {out_dir / 'predictions.csv'}"
           + (f"; skipped {len(inputs.skipped)} files, listed in {out_dir / 'skipped.csv'}" if inputs.skipped else ""),
           file=sys.stderr)

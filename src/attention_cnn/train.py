@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from attention_cnn.atomic import check_writable
 from attention_cnn.checkpoint import (CHECKPOINT_FORMAT, checkpoint_path, fingerprint, read_checkpoint,
                                       remove_checkpoint, rng_state, save_checkpoint, set_rng_state)
 from attention_cnn.data.prepared import PreparedSplit, load_split
@@ -183,6 +184,16 @@ def make_scheduler(optimizer: torch.optim.Optimizer, schedule: str, epochs: int)
 _TRAINING_CODE = sorted(Path(__file__).parent.rglob("*.py"))
 
 
+def check_outputs_writable(model_path: Path | str, checkpoint_dir: Path | str,
+                           metrics_dir: Path | str | None) -> None:
+    """Refuse, naming the folder, before any epoch runs, when the model, its checkpoint or the metrics could
+    not be written (the stage and `attention-cnn train` call it before starting the worker processes)."""
+    check_writable(model_path)
+    check_writable(Path(checkpoint_dir) / "checkpoint.pt")
+    if metrics_dir is not None:
+        check_writable(Path(metrics_dir) / "metrics.json")
+
+
 def train(params: Params, prepared_dir: Path | str = "data/prepared", model_path: Path | str = "models/model.pt",
           checkpoint_dir: Path | str = "models/.checkpoints", metrics_dir: Path | str | None = "metrics/train",
           progress: bool = True, on_epoch_end: Callable[[EpochResult], None] | None = None,
@@ -252,7 +263,8 @@ def _train(params: Params, ctx: Dist, prepared_dir: Path, model_path: Path, chec
     metrics.end()
     written = None
     if ctx.is_main:
-        written = save_model(model_path, run.net, train_split.classes, state_dict=best_weights)
+        written = save_model(model_path, run.net, train_split.classes, resize=train_split.resize,
+                             best_epoch=state.best_epoch, state_dict=best_weights)
         say(f"{model_path}: best val accuracy {state.best_val_accuracy:.4f} (loss {state.best_val_loss:.4f}) "
             f"at epoch {state.best_epoch}.")
     shut_down(ctx)

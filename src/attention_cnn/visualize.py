@@ -9,9 +9,9 @@ from pathlib import Path
 
 import torch
 
-from attention_cnn.atomic import Owned, atomic_dir
+from attention_cnn.atomic import Owned, atomic_dir, check_output_dir
 from attention_cnn.data.prepared import load_split
-from attention_cnn.figures import prediction_label, safe_name
+from attention_cnn.figures import STEM_CHARS, prediction_label, safe_name, unique_stem
 from attention_cnn.inference import check_model_matches, load_for_inference, spread_over_classes
 from attention_cnn.panels import PanelFigure, compute_panels
 from attention_cnn.params import Params
@@ -30,6 +30,7 @@ def visualize(params: Params, prepared_dir: Path | str, model_path: Path | str, 
               batch_size: int = 256) -> VisualizeResult:
     """Draw `visualize.num_images` test images (round-robin over the classes) and one grid per class."""
     out_dir = Path(out_dir)
+    check_output_dir(out_dir, FIGURE_FILES)  # before computing
     trained = load_for_inference(model_path)
     test = load_split(prepared_dir, "test")
     check_model_matches(trained, test, model_path, prepared_dir)
@@ -51,7 +52,7 @@ def visualize(params: Params, prepared_dir: Path | str, model_path: Path | str, 
         mask_panel = trained.model.learns_mask
         single = PanelFigure(1, vis.colormap, vis.alpha, mask_panel=mask_panel)
         for n, index in enumerate(chosen, start=1):
-            name = f"{n:02d}_{safe_name(Path(test.files[index]).stem)}.png"
+            name = f"{n:02d}_{safe_name(Path(test.files[index]).stem)[:STEM_CHARS]}.png"  # unique by its number
             single.draw_row(0, panels, position[index], "")
             single.save(tmp / name, title=label(index))
             image_names.append(name)
@@ -62,9 +63,7 @@ def visualize(params: Params, prepared_dir: Path | str, model_path: Path | str, 
             for row, index in enumerate(indices):
                 grid.draw_row(row, panels, position[index], label(index).replace(" | ", "\n"))
             grid.hide_rows_from(len(indices))
-            name = f"grid_{safe_name(test.classes[k])}.png"
-            if name in grid_names:  # two class names that differ only in unsafe characters
-                name = f"grid_{k:02d}_{safe_name(test.classes[k])}.png"
+            name = f"grid_{unique_stem(test.classes[k])}.png"  # unique, as class names are
             grid.save(tmp / name, title=f"class {test.classes[k]}: {len(indices)} test images")
             grid_names.append(name)
     return VisualizeResult(image_files=[out_dir / n for n in image_names],

@@ -7,7 +7,9 @@ One walker (`walk_images`) serves both prepare and predict, with the same rules:
 - a symlinked folder is followed when it leads outside the folder being read (users link to avoid copies),
   but not when it resolves to that folder, to a parent of it, or to anywhere inside it: those images would be
   read twice, or under the wrong class (`forest/loop -> ..` would label every class as forest);
-- each real folder is read once, so a loop among folders outside the source ends.
+- each real folder is read once, so a loop among folders outside the source ends;
+- a folder that cannot be listed (no permission, an I/O error) is never passed over silently: it is recorded
+  in `Skips.unreadable`, which prepare reports with the class that loses its images, and predict in skipped.csv.
 
 `discover` detects the layout of `data.source` (see prepare.py) and lists every image with its class.
 """
@@ -45,15 +47,28 @@ def image_extensions() -> frozenset[str]:
                      if fmt in Image.OPEN and fmt not in NOT_DECODED_BY_PILLOW)
 
 
+def display_name(text: str) -> str:
+    """A file or folder name as it is written to reports, CSV and JSON files, figures and the console: bytes that
+    are not valid UTF-8 (which os.listdir hands over as surrogate escapes, and which no UTF-8 writer accepts)
+    shown as "\\xff". The walk keeps the real names to open the files; everything it reports uses these."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def is_hidden(name: str) -> bool:
     return name.startswith(".") or name in IGNORED_FOLDERS
 
 
 @dataclass
 class Skips:
-    """What a walk did not read: entries with a reason (listed in the report) and a count of hidden names."""
+    """What a walk did not read: entries with a reason (listed in the report), folders that could not be listed,
+    and a count of hidden names."""
     ignored: list[dict[str, str]] = field(default_factory=list)  # {"path", "reason"}
+    unreadable: list[dict[str, str]] = field(default_factory=list)  # {"path" ("/"-ended), "reason"[, "class"]}
     hidden: int = 0
+
+
+def unreadable_reason(exc: OSError) -> str:
+    return f"cannot be listed ({exc.strerror or exc}): its images are not read"
 
 
 def _non_regular_reason(path: str) -> str | None:
@@ -101,9 +116,14 @@ class _Walker:
             return False
         return True
 
+    def not_listed(self, exc: OSError) -> None:
+        """os.walk's onerror: without it, a folder that cannot be listed is skipped without a word."""
+        self.skips.unreadable.append({"path": self.rel(exc.filename).rstrip("/") + "/",
+                                      "reason": unreadable_reason(exc)})
+
     def walk(self, folder: Path, extensions: frozenset[str]) -> list[str]:
         images = []
-        for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        for dirpath, dirnames, filenames in os.walk(folder, onerror=self.not_listed, followlinks=True):
             real = os.path.realpath(dirpath)
             if real in self.visited:  # reached twice through symlinks outside the base: read once
                 self.skips.ignored.append({"path": self.rel(dirpath) + "/",
@@ -162,7 +182,12 @@ def _subfolders(folder: Path, found: Discovery, image_reason: str) -> dict[str, 
     """Visible sub-folders of `folder` by name. Files at this level are not in any class: listed as ignored."""
     walker = _Walker(found.source, found.skips, exclude=None)
     folders = {}
-    for entry in sorted(folder.iterdir()):
+    try:
+        entries = sorted(folder.iterdir())
+    except OSError as exc:  # without the classes nothing can be prepared: fatal, unlike a class' sub-folder
+        raise UserError(f"data.source: {folder} cannot be listed ({exc.strerror or exc}). Give this user read "
+                        f"and execute permission on it (chmod u+rx), or point data.source elsewhere.") from None
+    for entry in entries:
         if entry.name == MASKS_DIR and folder == found.source:
             continue  # read by prepare(), not ignored
         if is_hidden(entry.name) or (entry.is_dir() and not walker.keep_folder(str(folder), entry.name)):
@@ -176,8 +201,14 @@ def _subfolders(folder: Path, found: Discovery, image_reason: str) -> dict[str, 
     return folders
 
 
-def _image_files(folder: Path, found: Discovery) -> list[str]:
-    return walk_images(folder, base=found.source, skips=found.skips)
+def _image_files(folder: Path, found: Discovery, class_name: str | None = None) -> list[str]:
+    """Image files under `folder`; folders it could not list are recorded with the class that loses them."""
+    seen = len(found.skips.unreadable)
+    images = walk_images(folder, base=found.source, skips=found.skips)
+    if class_name is not None:
+        for entry in found.skips.unreadable[seen:]:
+            entry["class"] = display_name(class_name)
+    return images
 
 
 def _unwrap(folder: Path) -> Path:
@@ -225,7 +256,7 @@ def discover(source: Path) -> Discovery:
         _check_class_count(found.classes, source, source)
         found.pool_dirs = {"": "."}
         for label, name in enumerate(found.classes):
-            found.images += [SourceImage(rel, label, None) for rel in _image_files(top[name], found)]
+            found.images += [SourceImage(rel, label, None) for rel in _image_files(top[name], found, name)]
         _check_has_files(found)
         return found
     for name, folder in top.items():
@@ -288,7 +319,8 @@ def _list_pools(found: Discovery, pools: dict[str, Path]) -> None:
     for pool in pools:
         for label, name in enumerate(found.classes):
             if name in folders[pool]:
-                found.images += [SourceImage(rel, label, pool) for rel in _image_files(folders[pool][name], found)]
+                found.images += [SourceImage(rel, label, pool)
+                                 for rel in _image_files(folders[pool][name], found, name)]
 
 
 def class_dir(found: Discovery, label: int, pool: str | None) -> Path:
@@ -305,6 +337,12 @@ def _check_has_files(found: Discovery) -> None:
     counts = np.bincount([img.label for img in found.images if img.pool in (None, "train")],
                          minlength=len(found.classes))
     for label, count in enumerate(counts):
+        where = class_dir(found, label, training_pool(found))
+        lost = [e for e in found.skips.unreadable if e.get("class") == display_name(found.classes[label])]
+        if count == 0 and lost:
+            raise UserError(f"data.source: class '{found.classes[label]}' has no readable image: "
+                            f"{found.source / lost[0]['path']}/ {lost[0]['reason'].split(':')[0]}. Give this user "
+                            f"read and execute permission on it (chmod -R u+rX {where}), or remove the folder.")
         if count == 0:
             raise UserError(f"data.source: class '{found.classes[label]}' has no readable image: "
                             f"{class_dir(found, label, training_pool(found))} holds no image file. Add images, "

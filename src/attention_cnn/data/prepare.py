@@ -36,9 +36,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from attention_cnn.atomic import Owned, atomic_dir
+from attention_cnn.atomic import Owned, atomic_dir, check_output_dir
 from attention_cnn.data.decode import decode_image, parallel_map, resolve_workers
-from attention_cnn.data.discover import LAYOUT_CLASS_FOLDERS, MASKS_DIR, Discovery, discover
+from attention_cnn.data.discover import LAYOUT_CLASS_FOLDERS, MASKS_DIR, Discovery, discover, display_name
 from attention_cnn.data.prepared import SPLITS, PreparedSplit, Rows, load_split, save_split_streamed
 from attention_cnn.data.split import assign_splits, check_readable, find_duplicates, split_counts
 from attention_cnn.params import Params
@@ -166,6 +166,7 @@ class PrepareReport:
     kept: int
     skipped: list[dict[str, str]]            # {"path", "reason"}: image files that could not be decoded
     ignored: list[dict[str, str]]            # {"path", "reason"}: files and folders that are not images
+    unreadable: list[dict[str, str]]         # {"path", "reason", "class"}: folders that could not be listed
     hidden_ignored: int                      # hidden files and folders, never read
     unlabelled: dict | None                  # Intel's seg_pred
     duplicates_across_splits: list[dict]     # {"blake2b", "files": [{"path", "split", "class"}]}
@@ -183,18 +184,27 @@ class PrepareReport:
             line += f", unlabelled {self.unlabelled['images']} in {self.unlabelled['folder']} (unused)"
         if self.masks["found"]:
             line += f", masks {self.masks['matched']}/{self.kept}" + ("" if self.masks["used"] else " (not used)")
+        if self.unreadable:
+            lost = sorted({e["class"] for e in self.unreadable if "class" in e})
+            classes = f" from class{'es' if len(lost) > 1 else ''} {', '.join(repr(c) for c in lost)}" if lost else ""
+            line += (f"; WARNING: {len(self.unreadable)} folder{'s' if len(self.unreadable) > 1 else ''} could not "
+                     f"be listed, so their images are missing{classes}")
         if self.duplicates_across_splits:
             n = sum(len(group["files"]) for group in self.duplicates_across_splits)
             line += (f"; WARNING: {n} byte-identical files in different splits "
                      f"({len(self.duplicates_across_splits)} groups)")
-        if self.skipped or self.duplicates_across_splits or (self.masks["found"] and not self.masks["used"]):
+        if self.skipped or self.unreadable or self.duplicates_across_splits or \
+                (self.masks["found"] and not self.masks["used"]):
             line += f" -- details in {self.out_dir}/report.json"
         return "\n".join([line, *self.first_not_read()])
 
     def first_not_read(self, limit: int = CONSOLE_LIST) -> list[str]:
         """The first `limit` skipped or ignored files with their reasons, as console lines."""
-        entries = [("skipped", e) for e in self.skipped] + [("ignored", e) for e in self.ignored]
-        lines = [f"  {kind} {entry['path']}: {entry['reason']}" for kind, entry in entries[:limit]]
+        entries = ([("unreadable", e) for e in self.unreadable] + [("skipped", e) for e in self.skipped]
+                   + [("ignored", e) for e in self.ignored])
+        lines = [f"  {kind} {entry['path']}: {entry['reason']}"
+                 + (f" (class '{entry['class']}' loses them)" if "class" in entry else "")
+                 for kind, entry in entries[:limit]]
         if len(entries) > limit:
             lines.append(f"  ... and {len(entries) - limit} more in {self.out_dir}/report.json")
         return lines
@@ -233,6 +243,10 @@ def _mask_path(masks_root: Path, rel: str) -> str | None:
     return str(path) if path.is_file() else None
 
 
+def _shown(entries: list[dict[str, str]]) -> list[dict[str, str]]:
+    return [{**entry, "path": display_name(entry["path"])} for entry in entries]
+
+
 def _report(params: Params, found: Discovery, decoded: _DecodedSet, split_of: dict[int, str], masks_found: bool,
             use_masks: bool, out_dir: Path) -> PrepareReport:
     kept = sorted(split_of)
@@ -244,22 +258,25 @@ def _report(params: Params, found: Discovery, decoded: _DecodedSet, split_of: di
         if "val" in found.pool_dirs:
             notes.append(f"val split as given in {found.pool_dirs['val']}/; data.val_fraction is not used")
     return PrepareReport(
-        source=params.data.source, layout=found.layout, classes=found.classes, img_size=params.img_size,
+        source=params.data.source, layout=found.layout, classes=[display_name(c) for c in found.classes],
+        img_size=params.img_size,
         resize=params.data.resize, seed=params.seed, counts=counts,
         totals={split: sum(per_class.values()) for split, per_class in counts.items()},
         image_files=len(found.images), kept=len(kept),
-        skipped=[{"path": found.images[i].rel, "reason": error} for i, error in enumerate(decoded.errors) if error],
-        ignored=sorted(found.skips.ignored, key=lambda entry: entry["path"]), hidden_ignored=found.skips.hidden,
+        skipped=_shown([{"path": found.images[i].rel, "reason": error}
+                        for i, error in enumerate(decoded.errors) if error]),
+        ignored=_shown(sorted(found.skips.ignored, key=lambda entry: entry["path"])),
+        unreadable=_shown(found.skips.unreadable), hidden_ignored=found.skips.hidden,
         unlabelled=found.unlabelled, duplicates_across_splits=duplicates.across_splits,
         duplicate_groups_within_split=duplicates.groups_within_split,
         masks={"found": masks_found, "matched": int(decoded.has_mask[kept].sum()), "used": use_masks,
-               "problems": [{"path": found.images[i].rel, "reason": decoded.mask_errors[i]}
-                            for i in kept if decoded.mask_errors[i] is not None]},
+               "problems": _shown([{"path": found.images[i].rel, "reason": decoded.mask_errors[i]}
+                                   for i in kept if decoded.mask_errors[i] is not None])},
         notes=notes, out_dir=out_dir.as_posix())
 
 
 def _write_splits(build_dir: Path, found: Discovery, decoded: _DecodedSet, split_of: dict[int, str],
-                  use_masks: bool, img_size: int, chunk_bytes: int) -> None:
+                  use_masks: bool, img_size: int, resize: str, chunk_bytes: int) -> None:
     """Each split's file from the decoded raw files, chunk by chunk, and its preview from the written file."""
     for split in SPLITS:
         members = sorted((i for i, s in split_of.items() if s == split),
@@ -268,7 +285,8 @@ def _write_splits(build_dir: Path, found: Discovery, decoded: _DecodedSet, split
             build_dir, split, images=_rows(decoded.raw.pixels, members, (3, img_size, img_size), chunk_bytes),
             labels=torch.tensor([found.images[i].label for i in members], dtype=torch.int64),
             masks=_rows(decoded.raw.masks, members, (img_size, img_size), chunk_bytes) if use_masks else None,
-            files=[found.images[i].rel for i in members], classes=found.classes)
+            files=[display_name(found.images[i].rel) for i in members],
+            classes=[display_name(c) for c in found.classes], resize=resize)
         written = load_split(build_dir, split)  # a memory map: the preview reads only the rows it shows
         preview_grid(written).save(build_dir / f"preview_{split}.png", compress_level=1)  # 2x faster than 6
         del written
@@ -285,6 +303,7 @@ def prepare(params: Params, out_dir: Path | str = "data/prepared", root: Path | 
     draw); then each split is copied out of it `chunk_bytes` at a time. So memory stays flat whatever the
     data's size, and the disk holds the decoded pixels twice until the raw file is removed."""
     out_dir = Path(out_dir)
+    check_output_dir(out_dir, PREPARED_FILES)
     source = params.source_path(root)
     found = discover(source)
     masks_root = source / MASKS_DIR
@@ -301,7 +320,8 @@ def prepare(params: Params, out_dir: Path | str = "data/prepared", root: Path | 
         # Masks are all or nothing: training reads masks[i] for every i, so a partial set is reported, not used.
         use_masks = masks_root.is_dir() and bool(decoded.has_mask[kept].all())
         report = _report(params, found, decoded, split_of, masks_root.is_dir(), use_masks, out_dir)
-        _write_splits(build_dir, found, decoded, split_of, use_masks, params.img_size, chunk_bytes)
+        _write_splits(build_dir, found, decoded, split_of, use_masks, params.img_size, params.data.resize,
+                      chunk_bytes)
         shutil.rmtree(scratch)
         (build_dir / "report.json").write_text(json.dumps(asdict(report), indent=2, ensure_ascii=False) + "\n",
                                                encoding="utf-8")

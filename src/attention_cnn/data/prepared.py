@@ -10,6 +10,8 @@ Each file holds a dict:
     masks:   uint8  (N, S, S)     ground-truth evidence masks (255 = evidence), or None when the source has none
     files:   list[str]            source path of each image, relative to data.source
     classes: list[str]            sorted class names, the same in every split
+    resize:  str                  data.resize, how the images were brought to S x S (train stores it in the
+                                  model, so predict resizes a raw file the same way)
 
 `save_split` writes a split held in memory. `save_split_streamed` writes the same bytes from images and masks
 given a few rows at a time, so prepare never holds a whole split: torch.save writes the archive with the
@@ -34,7 +36,7 @@ from attention_cnn.atomic import atomic_file, atomic_torch_save
 from attention_cnn.errors import UserError
 
 SPLITS = ("train", "val", "test")
-_KEYS = {"images", "labels", "masks", "files", "classes"}
+_KEYS = {"images", "labels", "masks", "files", "classes", "resize"}
 
 
 @dataclass
@@ -44,6 +46,7 @@ class PreparedSplit:
     masks: torch.Tensor | None  # (N, S, S) uint8, or None
     files: list[str]
     classes: list[str]
+    resize: str = "stretch"     # params.RESIZE_POLICIES; the default of data.resize
 
     def __len__(self) -> int:
         return self.labels.shape[0]
@@ -60,7 +63,7 @@ def split_path(prepared_dir: Path | str, split: str) -> Path:
 def save_split(prepared_dir: Path | str, split: str, data: PreparedSplit) -> Path:
     """Write one split atomically: a killed run never leaves a half-written file under the final name."""
     return atomic_torch_save({"images": data.images.contiguous(), "labels": data.labels, "masks": data.masks,
-                              "files": list(data.files), "classes": list(data.classes)},
+                              "files": list(data.files), "classes": list(data.classes), "resize": data.resize},
                              split_path(prepared_dir, split))
 
 
@@ -73,14 +76,14 @@ class Rows:
 
 
 def save_split_streamed(prepared_dir: Path | str, split: str, images: Rows, labels: torch.Tensor,
-                        masks: Rows | None, files: list[str], classes: list[str]) -> Path:
+                        masks: Rows | None, files: list[str], classes: list[str], resize: str = "stretch") -> Path:
     """Write one split atomically, byte-identical to `save_split` of the same tensors, holding one chunk."""
     path = split_path(prepared_dir, split)
     labels = labels.contiguous()
     with atomic_file(path) as tmp:
         _save_without_data(tmp, {"images": images.shape, "labels": labels,
                                  "masks": masks.shape if masks is not None else None,
-                                 "files": list(files), "classes": list(classes)})
+                                 "files": list(files), "classes": list(classes), "resize": resize})
         label_bytes = labels.numpy().tobytes()
         _fill_storages(tmp, [images.chunks, lambda: [label_bytes]] + ([masks.chunks] if masks is not None else []))
     return path
@@ -211,4 +214,4 @@ def load_split(prepared_dir: Path | str, split: str) -> PreparedSplit:
         raise UserError(f"{path}: not a prepared split written by this version of attention_cnn. Re-run "
                         "`dvc repro prepare` to write it again.")
     return PreparedSplit(images=blob["images"], labels=blob["labels"], masks=blob["masks"],
-                         files=list(blob["files"]), classes=list(blob["classes"]))
+                         files=list(blob["files"]), classes=list(blob["classes"]), resize=blob["resize"])

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from attention_cnn.data.discover import Discovery, class_dir, training_pool
+from attention_cnn.data.discover import Discovery, class_dir, display_name, training_pool
 from attention_cnn.data.prepared import SPLITS
 from attention_cnn.errors import UserError
 
@@ -19,7 +19,8 @@ def _round(x: float) -> int:
 
 def _class_rng(seed: int, name: str) -> np.random.Generator:
     """One RNG per class, keyed by its name: adding a class does not reshuffle the others."""
-    return np.random.default_rng([seed, zlib.crc32(name.encode("utf-8"))])
+    # surrogateescape: a folder name that is not valid UTF-8 hashes by its own bytes (valid names as before)
+    return np.random.default_rng([seed, zlib.crc32(name.encode("utf-8", "surrogateescape"))])
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,13 @@ def _draw_class(found: Discovery, label: int, pool: str, members: list[int], fra
     n_train = n - n_val - n_test
     name = found.classes[label]
     where = class_dir(found, label, pool or None)
+    needed = 3 if pool == "" else 2  # one image per split the fractions draw
+    if n < needed:
+        splits = "train, val and test" if pool == "" else "train and val"
+        raise UserError(f"data.source: class '{name}' has only {n} readable image{'s' if n > 1 else ''} in {where}; "
+                        f"no data.val_fraction / data.test_fraction can split {'them' if n > 1 else 'it'} into "
+                        f"{splits}, which each need at least one image of every class. Add at least "
+                        f"{needed - n} more image{'s' if needed - n > 1 else ''} to {where}, or remove the folder.")
     if n_val < 1 or n_train < 1 or (pool == "" and n_test < 1):
         given = (f"data.val_fraction {fractions.val} and data.test_fraction {fractions.test} give "
                  f"{n_val} val, {n_test} test" if pool == "" else
@@ -96,9 +104,10 @@ def _draw_class(found: Discovery, label: int, pool: str, members: list[int], fra
 
 
 def split_counts(found: Discovery, split_of: dict[int, str]) -> dict[str, dict[str, int]]:
-    counts = {split: {name: 0 for name in found.classes} for split in SPLITS}
+    names = [display_name(name) for name in found.classes]  # as report.json writes them
+    counts = {split: {name: 0 for name in names} for split in SPLITS}
     for i, split in split_of.items():
-        counts[split][found.classes[found.images[i].label]] += 1
+        counts[split][names[found.images[i].label]] += 1
     return counts
 
 
@@ -135,6 +144,7 @@ def find_duplicates(found: Discovery, digests: list[str | None], split_of: dict[
             within += 1
             continue
         across.append({"blake2b": digest, "files": [
-            {"path": found.images[i].rel, "split": split_of[i], "class": found.classes[found.images[i].label]}
+            {"path": display_name(found.images[i].rel), "split": split_of[i],
+             "class": display_name(found.classes[found.images[i].label])}
             for i in members]})
     return Duplicates(across, within)
