@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -120,17 +119,23 @@ def test_the_train_stage_ends_when_dvc_is_killed(built_repo, tmp_path):
 
 
 def test_two_processes_writing_one_file_never_share_a_temp_file(tmp_path):
-    writer = ("import sys, torch\nfrom attention_cnn.atomic import atomic_torch_save\n"
-              "for i in range(150):\n    atomic_torch_save({'x': torch.full((256,), float(sys.argv[1]))}, sys.argv[2])\n")
-    target = tmp_path / "model.pt"
+    """Both start writing at once (after their slow torch import), 100 times each, as two training runs would."""
+    writer = ("import pathlib, sys, time, torch\nfrom attention_cnn.atomic import atomic_torch_save\n"
+              "folder = pathlib.Path(sys.argv[2]).parent\n(folder / f'ready{sys.argv[1]}').touch()\n"
+              "while not (folder / 'go').exists():\n    time.sleep(0.001)\n"
+              "for i in range(100):\n    atomic_torch_save({'x': torch.full((4096,), float(sys.argv[1]))}, sys.argv[2])\n")
+    target = tmp_path / "out" / "model.pt"
+    target.parent.mkdir()
     procs = [subprocess.Popen([sys.executable, "-c", writer, str(k), str(target)], env=ENV, stderr=subprocess.PIPE,
                               text=True) for k in (1, 2)]
+    wait_for(lambda: [] if len(list(target.parent.glob("ready*"))) < 2 else [target.parent])
+    (target.parent / "go").touch()
     for proc in procs:
         assert proc.wait(timeout=120) == 0, proc.stderr.read()
     import torch
 
     assert torch.load(target, weights_only=True)["x"][0].item() in (1.0, 2.0)
-    assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]
+    assert sorted(p.name for p in target.parent.iterdir()) == ["go", "model.pt", "ready1", "ready2"]
 
 
 def train_argv(ws: Path, out: Path, params: Path) -> list[str]:
