@@ -1,8 +1,12 @@
 """DVC stage `prepare`: decode data.source once into resized train/val/test tensors in data/prepared/."""
 
-from attention_cnn.data.prepare import prepare
-from attention_cnn.errors import exit_on_user_error
-from attention_cnn.params import load_params
+from attention_cnn.startup import start_stage
+
+start_stage()  # before torch: one line when this Python lacks the packages; ends with its parent
+
+from attention_cnn.data.prepare import prepare  # noqa: E402
+from attention_cnn.errors import exit_on_user_error  # noqa: E402
+from attention_cnn.params import load_params  # noqa: E402
 
 
 @exit_on_user_error

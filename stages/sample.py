@@ -1,8 +1,12 @@
 """DVC stage `sample`: draw the built-in dataset into data/sample (images and ground-truth masks)."""
 
-from attention_cnn.data.sample import write_sample
-from attention_cnn.errors import exit_on_user_error
-from attention_cnn.params import load_params
+from attention_cnn.startup import start_stage
+
+start_stage()  # before torch: one line when this Python lacks the packages; ends with its parent
+
+from attention_cnn.data.sample import write_sample  # noqa: E402
+from attention_cnn.errors import exit_on_user_error  # noqa: E402
+from attention_cnn.params import load_params  # noqa: E402
 
 
 @exit_on_user_error

@@ -1,10 +1,15 @@
 """DVC stage `train`: train the attention CNN on data/prepared, write models/ and metrics/train/."""
-import sys
 
-from attention_cnn.distributed import launch_under_torchrun
-from attention_cnn.errors import exit_on_user_error
-from attention_cnn.params import load_params
-from attention_cnn.train import check_outputs_writable, train
+from attention_cnn.startup import start_stage
+
+start_stage()  # before torch: one line when this Python lacks the packages; ends with its parent
+
+import sys  # noqa: E402
+
+from attention_cnn.distributed import launch_under_torchrun  # noqa: E402
+from attention_cnn.errors import exit_on_user_error  # noqa: E402
+from attention_cnn.params import load_params  # noqa: E402
+from attention_cnn.train import check_outputs_writable, train  # noqa: E402
 
 
 @exit_on_user_error

@@ -18,7 +18,7 @@ from attention_cnn.params import ModelParams, parse_params
 from attention_cnn.atomic import atomic_dir
 from attention_cnn.figures import DPI, safe_name
 from attention_cnn.inference import images_to_float, predict_logits, spread_over_classes
-from attention_cnn.panels import PANEL_INCHES, compute_panels
+from attention_cnn.panels import MASK_BAR_INCHES, PANEL_INCHES, compute_panels
 from attention_cnn.visualize import visualize
 
 S = 32
@@ -229,8 +229,8 @@ def test_a_model_without_attention_draws_no_mask_panel(workspace, tmp_path):
     with_mask = visualize(PARAMS, workspace / "prepared", workspace / "model_conv.pt", tmp_path / "conv")
     without = visualize(PARAMS, workspace / "prepared", workspace / "model_none.pt", tmp_path / "none")
     with Image.open(with_mask.image_files[0]) as four, Image.open(without.image_files[0]) as three:
-        # One panel fewer; the height and the margins stay.
-        assert four.size[0] - three.size[0] == pytest.approx(PANEL_INCHES * DPI, abs=2)
+        # One panel and the mask's colour bar fewer; the height and the other margins stay.
+        assert four.size[0] - three.size[0] == pytest.approx((PANEL_INCHES + MASK_BAR_INCHES) * DPI, abs=2)
         assert four.size[1] == three.size[1]
 
 
@@ -240,7 +240,7 @@ def test_images_to_float_is_the_unit_scale():
     assert images.dtype == torch.uint8  # the input is left alone
 
 
-def test_panels_scale_the_mask_per_image_and_keep_its_raw_range(workspace):
+def test_panels_draw_a_sigmoid_mask_raw_and_keep_its_range(workspace):
     model = load_model(workspace / "model_conv.pt").model
     images = load_split(workspace / "prepared", "test").images[:5]
     panels = compute_panels(model, images, batch_size=2)
@@ -249,8 +249,9 @@ def test_panels_scale_the_mask_per_image_and_keep_its_raw_range(workspace):
     raw = upsample(out.mask.mean(dim=1), S)                                # (5, S, S) as the model made it
     low, high = raw.amin(dim=(1, 2)), raw.amax(dim=(1, 2))
     torch.testing.assert_close(panels.mask_range, torch.stack([low, high], dim=1))
-    assert (high - low).min() > 1e-4  # a real, if narrow, range: the scaling below has something to stretch
-    torch.testing.assert_close(panels.mask, (raw - low[:, None, None]) / (high - low)[:, None, None])
+    assert (high - low).min() > 1e-4  # a real, if narrow, range, which the panel does not stretch
+    assert not panels.mask_stretched
+    torch.testing.assert_close(panels.mask, raw)
     # Before and after share one scale per image: together, not each, they span [0, 1].
     both = torch.cat([panels.before, panels.after], dim=1).flatten(1)
     torch.testing.assert_close(both.amin(1), torch.zeros(5))

@@ -1,9 +1,10 @@
 """All-or-nothing writes: a killed or failed run never leaves a half-written output under its final name, and
 never replaces a folder that holds files the command did not write.
 
-Temporary names are `.NAME.tmp-PID-RANDOM` (and `.NAME.old-PID-RANDOM` during the swap) beside the final path,
-so the rename stays on one file system. The next run removes those of dead processes (a killed run), never
-those of a run still going.
+Temporary names are `.NAME.tmp-PID-RANDOM` (and `.NAME.old-PID-RANDOM` during the swap) beside a final folder,
+`NAME.tmp-PID-RANDOM` beside a final file, so the rename stays on one file system and two processes never share
+one. The next write of the same path removes those of dead processes (a killed run), never those of a run still
+going; `attention-cnn clean` finds the rest (`stale_temps`).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import errno
 import fnmatch
 import os
+import re
 import resource
 import shutil
 import uuid
@@ -48,21 +50,54 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _sibling(path: Path, tag: str) -> Path:
-    return path.parent / f".{path.name}.{tag}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+def _sibling(path: Path, tag: str, hidden: bool = True) -> Path:
+    # A file's temp name keeps NAME before its last dot: torch.save names the archive's inner folder after it,
+    # so model.pt's bytes do not depend on the temp name.
+    return path.parent / f"{'.' if hidden else ''}{path.name}.{tag}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+
+
+# `.NAME.tmp-PID-RANDOM`, `.NAME.old-PID-RANDOM` (atomic_dir) and `NAME.tmp-PID-RANDOM` (atomic_file).
+_TEMP_NAME = re.compile(r"^(?P<name>.+)\.(?P<tag>tmp|old)-(?P<pid>\d+)-[0-9a-f]{12}$")
+
+
+def _dead_temp(path: Path) -> bool:
+    """True for a temp name of ours whose writing process is gone (a killed run)."""
+    match = _TEMP_NAME.match(path.name)
+    return (match is not None and (match["tag"] == "tmp" or path.name.startswith("."))
+            and not _pid_alive(int(match["pid"])))
+
+
+def _remove(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True) if path.is_dir() and not path.is_symlink() else path.unlink(missing_ok=True)
 
 
 def remove_stale_siblings(path: Path) -> list[Path]:
-    """Remove `.NAME.tmp-*` / `.NAME.old-*` beside `path` left by processes that are gone; return them."""
+    """Remove the temp names of `path` (folder's or file's) left by processes that are gone; return them."""
     removed = []
-    for tag in ("tmp", "old"):
-        for stale in path.parent.glob(f".{path.name}.{tag}-*"):
-            pid = stale.name[len(f".{path.name}.{tag}-"):].split("-")[0]
-            if pid.isdigit() and _pid_alive(int(pid)):
-                continue  # another run is writing right now
-            shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
-            removed.append(stale)
+    for pattern in (f".{path.name}.tmp-*", f".{path.name}.old-*", f"{path.name}.tmp-*"):
+        for stale in path.parent.glob(pattern):
+            if _dead_temp(stale):  # a live PID: another run is writing right now
+                _remove(stale)
+                removed.append(stale)
     return removed
+
+
+def stale_temps(folder: Path | str) -> list[Path]:
+    """Every temp name of a dead process under `folder` (recursively, not inside another temp): a killed run's
+    half-built output folder (prepare's holds the decoded raw pixels) or half-written file."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        for name in [*dirnames, *filenames]:
+            if _dead_temp(Path(dirpath, name)):
+                found.append(Path(dirpath, name))
+        dirnames[:] = [d for d in dirnames if not _TEMP_NAME.match(d)]  # never look inside a temp folder
+    return sorted(found)
+
+
+def remove_temp(path: Path) -> None:
+    """Remove a path `stale_temps` found, after checking again that its process is gone."""
+    if _dead_temp(path):
+        _remove(path)
 
 
 def foreign_files(folder: Path, owned: Owned) -> list[str]:
@@ -176,12 +211,14 @@ def atomic_dir(final: Path | str, owned: Owned | None = None) -> Iterator[Path]:
 
 @contextmanager
 def atomic_file(path: Path | str) -> Iterator[Path]:
-    """Yield a temporary path `NAME.tmp` beside `path` to write; on success it replaces `path`, on failure it is
-    removed: a kill leaves the previous file, never half a new one. A write that ran out of space raises
-    DiskFullError, also when the writer (torch.save's C++ one) lost the errno."""
+    """Yield a temporary path `NAME.tmp-PID-RANDOM` beside `path` to write; on success it replaces `path`, on
+    failure it is removed: a kill leaves the previous file, never half a new one, and two processes writing the
+    same path never share a temp file. A write that ran out of space raises DiskFullError, also when the writer
+    (torch.save's C++ one) lost the errno."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    remove_stale_siblings(path)
+    tmp = _sibling(path, "tmp", hidden=False)
     try:
         yield tmp
     except BaseException as exc:

@@ -3,22 +3,28 @@
 A checkpoint lives in a scratch folder (models/.checkpoints/ in the pipeline, ignored by git and DVC), named
 after the fingerprint of the run that wrote it: params, prepared data and training code. It is not a DVC out,
 so a fresh clone or `dvc exp apply` is up to date without it; train removes it once the model is written. A
-killed run leaves it behind, and the next run with the same fingerprint resumes from it.
+killed run leaves it behind, and the next run with the same fingerprint resumes from it. While a run trains, it
+holds `<fingerprint>.lock` (flock, with its PID inside), so a second run of the same fingerprint in the same
+checkout is refused instead of writing the same checkpoint; the OS drops the lock when its process dies.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import os
 import random
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
 
 from attention_cnn.atomic import atomic_torch_save
 from attention_cnn.data.prepared import PreparedSplit
+from attention_cnn.errors import UserError
 from attention_cnn.params import Params, training_params
 
 CHECKPOINT_FORMAT = 2
@@ -96,3 +102,38 @@ def remove_checkpoint(path: Path) -> None:
         path.parent.rmdir()
     except OSError:  # not empty: checkpoints of other, killed runs wait there for their resume
         pass
+
+
+@contextmanager
+def run_lock(checkpoint: Path) -> Iterator[None]:
+    """Hold `<checkpoint>.lock` while the run trains, or refuse: another live process of this fingerprint holds it.
+
+    flock, not the PID alone: the kernel releases it when its holder dies, so a killed run's lock file is
+    simply taken over. The file is removed on release, and a holder checks that the file it locked is still
+    the one at the path (another run may have removed it in between)."""
+    lock_path = checkpoint.with_suffix(".lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise UserError(f"{lock_path}: another training run with the same params, data and code is running "
+                            f"in this checkout (PID {holder}). Wait for it to finish, or stop it (`kill {holder}`), "
+                            "then run again.") from None
+        if lock_path.exists() and os.stat(lock_path).st_ino == os.fstat(fd).st_ino:
+            break
+        os.close(fd)  # removed by the run that held it just before us: lock the new file instead
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        lock_path.unlink(missing_ok=True)
+        os.close(fd)
+        try:
+            lock_path.parent.rmdir()  # the folder goes once empty, as in remove_checkpoint
+        except OSError:
+            pass

@@ -4,6 +4,7 @@
     attention-cnn train [--node-rank K]                                       the train stage, outside DVC
     attention-cnn evaluate                                                    the evaluate stage, outside DVC
     attention-cnn visualize                                                   the visualize stage, outside DVC
+    attention-cnn clean [--yes]                                               list (remove) what runs left behind
 
 train, evaluate and visualize read params.yaml and write exactly what their DVC stages write (`dvc repro` is
 the usual way to run them; these are for a quick look after changing only code). With train.nnodes > 1,
@@ -75,6 +76,29 @@ def _visualize(args: argparse.Namespace) -> None:
     print(f"visualize: {len(result.image_files)} images and {len(result.grid_files)} class grids -> {args.out}/")
 
 
+def _clean(args: argparse.Namespace) -> None:
+    from attention_cnn.clean import clean
+
+    clean(".", params_path=args.params, prepared=args.prepared, checkpoints=Path(args.model).parent / ".checkpoints",
+          remove=args.yes)
+
+
+def _add_clean(commands: argparse._SubParsersAction) -> None:
+    clean = commands.add_parser(
+        "clean", help="list the disk space runs left behind (killed runs' temporary outputs, checkpoints that will "
+                      "not resume); --yes removes it",
+        description="List, with sizes, what runs left behind in data/, models/, metrics/ and output/: temporary "
+                    "outputs of killed runs (their process is gone) and checkpoints in models/.checkpoints/ "
+                    "written for other params, prepared data or code. A dry run unless --yes. Nothing else is "
+                    "ever removed.")
+    clean.add_argument("--yes", action="store_true", help="remove what is listed")
+    clean.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
+    clean.add_argument("--prepared", default="data/prepared", help="prepared splits (default: %(default)s)")
+    clean.add_argument("--model", default="models/model.pt",
+                       help="model file; its checkpoints are in .checkpoints/ beside it (default: %(default)s)")
+    clean.set_defaults(run=_clean)
+
+
 def _add_train(commands: argparse._SubParsersAction) -> None:
     train = commands.add_parser(
         "train", help="the train stage; --node-rank K joins a several-machine run (train.nnodes) as machine K",
@@ -135,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--out", default="output/visualize",
                              help="figures folder, replaced as a whole (default: %(default)s)")
         sub.set_defaults(run=run)
+    _add_clean(commands)
     return parser
 
 

@@ -2,11 +2,13 @@
 
 For each drawn image, four panels side by side:
     input | before: features.amax(1), the seed's merged filter | the mask: mask.mean(1) | after: attended.amax(1)
-Each map is upsampled bilinearly to the image and overlaid on it, on one colour scale with a colour bar.
-Before and after are min-max scaled JOINTLY per image, so what the mask removed shows as a darker "after".
-The mask is min-max scaled on its own, per image, and its raw range is written under its panel: drawn as it
-is, a `conv` mask (mean over channels, about 0.45-0.55 everywhere) looks flat and an `ltpa` mask (a softmax
-that sums to 1) looks black, although both rank the positions clearly. A model without attention
+Each map is upsampled bilinearly to the image and overlaid on it. Two colour bars say what the colours mean:
+- before and after are the max over channels of the final feature map, min-max scaled JOINTLY per image (one
+  scale for the pair), so what the mask removed shows as a darker "after";
+- the mask is drawn on its raw scale, 0 to 1, as the sigmoid made it: a `conv` mask of 0.51 to 0.54 looks as
+  flat as it is. `ltpa`'s mask is a softmax over positions that sums to 1 (about 1/64 everywhere at 64 px), so
+  its raw scale would be black; it alone is stretched to its own range, and its panel and colour bar say so.
+The raw range of the mask is written under its panel either way. A model without attention
 (model.attention=none) has no mask to show, so its figures have three panels.
 
 Used by the visualize stage and by predict. Each figure layout is built once and reused: creating figures and
@@ -32,9 +34,15 @@ from attention_cnn.inference import forward_batches
 from attention_cnn.maps import scale_unit, upsample
 from attention_cnn.model import AttentionCNN
 
-PANEL_TITLES = ("input", "before (max over channels)", "attention mask (scaled)", "after (max over channels)")
+PANEL_TITLES = ("input", "before the mask", "attention mask", "after the mask")
 MASK_PANEL = 2  # index of the mask in PANEL_TITLES
 PANEL_INCHES = 1.7
+MASK_BAR_INCHES = 0.75  # the mask's colour bar and its label, right of the feature maps' bar
+FEATURE_BAR_LABEL = "max over channels of the final feature map\nbefore and after: one scale per image"
+MASK_BAR_LABEL = {False: "attention mask, raw value\n(mean over channels)",
+                  True: "attention mask, STRETCHED to\neach image's range (under it)"}
+BAR_FONT = 5.5
+STRETCHED_VARIANTS = ("ltpa",)  # masks that sum to 1 over positions: too small to see on their raw scale
 
 
 @dataclass(frozen=True)
@@ -42,8 +50,9 @@ class Panels:
     """Everything the panels need for B images, at image resolution S."""
     images: torch.Tensor       # (B, 3, S, S) uint8
     before: torch.Tensor       # (B, S, S) in [0, 1], scaled jointly with `after`
-    mask: torch.Tensor         # (B, S, S) in [0, 1], min-max scaled per image
-    mask_range: torch.Tensor   # (B, 2) the mask's raw (min, max) before that scaling
+    mask: torch.Tensor         # (B, S, S) in [0, 1]: raw, or min-max scaled per image when `mask_stretched`
+    mask_range: torch.Tensor   # (B, 2) the mask's raw (min, max)
+    mask_stretched: bool       # True for the STRETCHED_VARIANTS
     after: torch.Tensor        # (B, S, S) in [0, 1]
     probs: torch.Tensor        # (B, K) softmax
     predictions: torch.Tensor  # (B,) int64
@@ -53,6 +62,7 @@ class Panels:
 def compute_panels(model: AttentionCNN, images: torch.Tensor, batch_size: int = 256) -> Panels:
     """Run the model on uint8 images (B, 3, S, S) and build the before/mask/after maps, batch by batch."""
     size = images.shape[-1]
+    stretched = model.params.attention in STRETCHED_VARIANTS
     before, mask, mask_range, after, probs = [], [], [], [], []
     for _, out in forward_batches(model, images, batch_size):
         b = upsample(out.features.float().amax(dim=1), size)                        # (b, S, S)
@@ -61,13 +71,13 @@ def compute_panels(model: AttentionCNN, images: torch.Tensor, batch_size: int = 
         before.append(both[:, 0].cpu())
         after.append(both[:, 1].cpu())
         m = upsample(out.mask.float().mean(dim=1), size).clamp(0, 1)               # (b, S, S)
-        mask.append(scale_unit(m).cpu())
+        mask.append((scale_unit(m) if stretched else m).cpu())
         mask_range.append(torch.stack([m.flatten(1).amin(1), m.flatten(1).amax(1)], dim=1).cpu())
         probs.append(out.logits.float().softmax(dim=1).cpu())
     probs_all = torch.cat(probs)
     confidence, predictions = probs_all.max(dim=1)
     return Panels(images=images, before=torch.cat(before), mask=torch.cat(mask), mask_range=torch.cat(mask_range),
-                  after=torch.cat(after), probs=probs_all, predictions=predictions, confidence=confidence)
+                  mask_stretched=stretched, after=torch.cat(after), probs=probs_all, predictions=predictions, confidence=confidence)
 
 
 def check_colormap(name: str) -> Colormap:
@@ -79,7 +89,8 @@ def check_colormap(name: str) -> Colormap:
 
 
 class PanelFigure:
-    """A reusable figure of `rows` x panels with one shared colour bar; draw rows, save, draw again.
+    """A reusable figure of `rows` x panels with its colour bars (the feature maps', the mask's); draw rows, save,
+    draw again.
     `mask_panel=False` leaves out the mask (for a model without attention, whose mask is constant)."""
 
     def __init__(self, rows: int, colormap: str, alpha: float, dpi: int = DPI, mask_panel: bool = True):
@@ -88,7 +99,7 @@ class PanelFigure:
         self.shown = [p for p in range(len(PANEL_TITLES)) if mask_panel or p != MASK_PANEL]
         columns = len(self.shown)
         # Sizes in inches: a label margin on the left, the panels, the colour bar and its label on the right.
-        left, right, top, gap = 0.3, 0.75, 0.7, 0.22
+        left, right, top, gap = 0.3, 0.75 + (MASK_BAR_INCHES if mask_panel else 0), 0.7, 0.22
         width = left + columns * PANEL_INCHES + 0.3 + right
         height = top + rows * (PANEL_INCHES + gap)
         self.figure = Figure(figsize=(width, height))
@@ -107,11 +118,18 @@ class PanelFigure:
             self.artists.append([ax.imshow(np.zeros((2, 2, 3)), interpolation="nearest") for ax in row_axes])
             # The row's own title (true/pred/confidence) sits on the left, under the column titles.
             self.row_titles.append(row_axes[0].set_ylabel("", fontsize=6, labelpad=2))
-        colorbar = self.figure.colorbar(ScalarMappable(Normalize(0, 1), self.cmap),
-                                        cax=self.figure.add_subplot(grid[:, columns]))
-        colorbar.set_label("min-max scaled per image", fontsize=6)
-        colorbar.ax.tick_params(labelsize=6)
+        self.bars = [self._colour_bar(self.figure.add_subplot(grid[:, columns]), FEATURE_BAR_LABEL)]
+        if mask_panel:  # the mask's own bar, beside the first: its scale is not the feature maps'
+            box = self.bars[0].ax.get_position()
+            self.bars.append(self._colour_bar(self.figure.add_axes(
+                (box.x1 + MASK_BAR_INCHES / width, box.y0, box.width, box.height)), MASK_BAR_LABEL[False]))
         self.title = self.figure.suptitle("", fontsize=8, y=1 - 0.1 / height)
+
+    def _colour_bar(self, cax, label: str):
+        bar = self.figure.colorbar(ScalarMappable(Normalize(0, 1), self.cmap), cax=cax)
+        bar.set_label(label, fontsize=BAR_FONT)
+        bar.ax.tick_params(labelsize=6)
+        return bar
 
     def overlay(self, rgb: np.ndarray, heat: torch.Tensor) -> np.ndarray:
         colour = self.cmap(heat.numpy())[..., :3]  # (S, S, 3)
@@ -130,8 +148,13 @@ class PanelFigure:
         self.row_titles[row].set_text(label)
         if MASK_PANEL in self.shown:
             low, high = panels.mask_range[index].tolist()
-            self.axes[row][self.shown.index(MASK_PANEL)].set_xlabel(f"raw {low:.2f} to {high:.2f}", fontsize=6,
-                                                                    labelpad=1)
+            digits = 2 if high >= 0.01 else 4  # an ltpa mask's values are near 1/positions
+            mask_ax = self.axes[row][self.shown.index(MASK_PANEL)]
+            mask_ax.set_xlabel(f"raw {low:.{digits}f} to {high:.{digits}f}", fontsize=6, labelpad=1)
+            self.bars[1].set_label(MASK_BAR_LABEL[panels.mask_stretched], fontsize=BAR_FONT)
+            if row == 0:
+                mask_ax.set_title(PANEL_TITLES[MASK_PANEL] + (" (STRETCHED)" if panels.mask_stretched else ""),
+                                  fontsize=7)
 
     def hide_rows_from(self, row: int) -> None:
         for r in range(row, self.rows):

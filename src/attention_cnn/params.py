@@ -127,8 +127,8 @@ class Params:
     visualize: VisualizeParams = field(default_factory=VisualizeParams)
 
     def source_path(self, root: Path | str = ".") -> Path:
-        """`data.source` as a path: absolute as given, or relative to the repo root."""
-        source = Path(os.path.expanduser(self.data.source))
+        """`data.source` as a path: absolute as given, or relative to the repo root (and inside it)."""
+        source = Path(self.data.source)
         return source if source.is_absolute() else Path(root) / source
 
 
@@ -225,6 +225,7 @@ def parse_params(raw: Any) -> Params:
         raise ParamsError(f"params.yaml: 'train.nnodes' is {params.train.nnodes}, so 'train.rdzv_endpoint' must be "
                           f"host:port of the first machine, where the others join it (e.g. "
                           f"`dvc exp run -S train.rdzv_endpoint=10.0.0.1:29500`).")
+    _check_source(params.data.source)
     return params
 
 
@@ -242,6 +243,19 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                                   f"{first_line[key]} and {line}; DVC refuses such a file. Keep one of them.")
             first_line[key] = line
         return super().construct_mapping(node, deep=deep)
+
+
+def _check_source(source: str) -> None:
+    """`data.source` is a dvc.yaml dep (`${data.source}`), so DVC, `dvc exp run --temp`, the queue and prepare must
+    all read the same folder. DVC does not expand `~`, and it resolves a relative path from the workspace the
+    stage runs in: for `--temp` and the queue a copy under .dvc/tmp/exps/, where `../x` is another folder."""
+    if source.startswith("~"):
+        raise ParamsError(f"params.yaml: 'data.source' is {source!r}: DVC does not expand '~', so give the absolute "
+                          f"path: `dvc exp run -S data.source={os.path.expanduser(source)}`.")
+    if not os.path.isabs(source) and os.path.normpath(source).split(os.sep)[0] == "..":
+        raise ParamsError(f"params.yaml: 'data.source' is {source!r}, relative and outside the repo: `dvc exp run "
+                          f"--temp` and the queue run in a copy elsewhere, where it names another folder. Give an "
+                          f"absolute path: `dvc exp run -S data.source=/path/to/{Path(source).name}`.")
 
 
 def load_params(path: Path | str = "params.yaml") -> Params:

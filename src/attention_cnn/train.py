@@ -19,6 +19,7 @@ import dataclasses
 import math
 import random
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -29,7 +30,7 @@ from tqdm import tqdm
 
 from attention_cnn.atomic import check_writable
 from attention_cnn.checkpoint import (CHECKPOINT_FORMAT, checkpoint_path, fingerprint, read_checkpoint,
-                                      remove_checkpoint, rng_state, save_checkpoint, set_rng_state)
+                                      remove_checkpoint, rng_state, run_lock, save_checkpoint, set_rng_state)
 from attention_cnn.data.prepared import PreparedSplit, load_split
 from attention_cnn.distributed import (Dist, all_reduce_sum, broadcast_buffers, broadcast_from_main, check_same_run,
                                        gather_objects, kernel_settings, setup_distributed, shut_down, wrap_for_steps)
@@ -207,9 +208,9 @@ def train(params: Params, prepared_dir: Path | str = "data/prepared", model_path
     memory, None as `fits_on_device` decides (the results are the same either way).
     """
     ctx = setup_distributed(params)
-    with kernel_settings(ctx.device), reuse_freed_host_memory(ctx.device):
+    with kernel_settings(ctx.device), reuse_freed_host_memory(ctx.device), ExitStack() as held:
         return _train(params, ctx, Path(prepared_dir), Path(model_path), Path(checkpoint_dir), metrics_dir,
-                      progress, on_epoch_end, resident)
+                      progress, on_epoch_end, resident, held)
 
 
 @dataclass
@@ -231,7 +232,7 @@ class _Run:
 
 def _train(params: Params, ctx: Dist, prepared_dir: Path, model_path: Path, checkpoint_dir: Path,
            metrics_dir: Path | str | None, progress: bool,
-           on_epoch_end: Callable[[EpochResult], None] | None, resident: bool | None) -> TrainResult:
+           on_epoch_end: Callable[[EpochResult], None] | None, resident: bool | None, held: ExitStack) -> TrainResult:
     say = (lambda msg: print(msg, flush=True)) if ctx.is_main else (lambda msg: None)
     train_split, val_split = load_train_val(prepared_dir)
     per_rank = _images_per_rank(len(train_split), ctx, prepared_dir)
@@ -242,6 +243,8 @@ def _train(params: Params, ctx: Dist, prepared_dir: Path, model_path: Path, chec
     run_fingerprint = fingerprint(params, train_split, val_split, _TRAINING_CODE)
     check_same_run(run_fingerprint, params, ctx)
     saved_at = checkpoint_path(checkpoint_dir, run_fingerprint)
+    if ctx.is_main:  # a second run of this fingerprint in this checkout is refused while this one trains
+        held.enter_context(run_lock(saved_at))
     state = TrainingState(params.train.patience, params.train.epochs)
     metrics = _Metrics(metrics_dir if ctx.is_main else None)
     # Rank 0's checkpoint for every rank: the other machines of a several-machine run have none on their disk.

@@ -91,7 +91,7 @@ def save_split_streamed(prepared_dir: Path | str, split: str, images: Rows, labe
 
 def _save_without_data(tmp: Path, blob: dict) -> None:
     """torch.save of `blob` with every storage's bytes left out, the shapes in it standing for uint8 tensors.
-    torch.save names the archive's records after the file, so `tmp` must be named `<split>.pt.tmp` as
+    torch.save names the archive's records after the file, so `tmp` must be named `<split>.pt.tmp-PID-RANDOM` as
     atomic_torch_save's is; it numbers the storages in the order its pickler meets them: the dict's."""
     backing = {key: tmp.with_name(f"{tmp.name}.placeholder-{key}") for key, value in blob.items()
                if isinstance(value, tuple)}
