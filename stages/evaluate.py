@@ -1,6 +1,7 @@
 """DVC stage `evaluate`: score models/model.pt on the test split; write metrics/evaluate/ and output/evaluate/."""
 from attention_cnn.errors import exit_on_user_error
 from attention_cnn.evaluate import evaluate
+from attention_cnn.metrics import not_learned_warning
 from attention_cnn.params import load_params
 
 
@@ -11,6 +12,10 @@ def main() -> None:
                       metrics_dir="metrics/evaluate", out_dir="output/evaluate",
                       train_metrics="metrics/train/metrics.json")
     print(f"evaluate: test accuracy {result.metrics['accuracy']:.4f}, macro F1 {result.metrics['macro/f1']:.4f}")
+    report = result.report
+    warning = not_learned_warning("test accuracy", report.accuracy, len(report.per_class), len(report.predictions))
+    if warning:
+        print(warning)
 
 
 if __name__ == "__main__":
