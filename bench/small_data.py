@@ -18,6 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
 import yaml
 
 from attention_cnn.data.prepare import prepare
@@ -77,7 +78,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--per-class", nargs="+", type=int, default=[20, 60, 150, 300])
     parser.add_argument("--set", nargs="*", default=[], help="params overrides, key=value as for `dvc exp run -S`")
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads: 1 runs far faster than 2 on a machine shared with other jobs")
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     overrides = ["img_size=64", *args.set]
     print(f"# overrides: {' '.join(overrides)}", flush=True)
     print("| folder | images/class | test images | test accuracy | best val | epochs run | train s |", flush=True)

@@ -42,6 +42,10 @@ from attention_cnn.params import Params, TrainParams
 
 # An epoch of fewer optimizer steps than this barely moves the weights: train warns and says what to change.
 MIN_STEPS_PER_EPOCH = 10
+# At equal val accuracy, a val loss lower by less than this is still selected, but is no progress for early
+# stopping: once val accuracy is perfect, the loss of a confident model keeps halving (0.003, 0.0016, ...)
+# for as long as it trains, and a bigger step budget would never stop early.
+LOSS_MIN_DELTA = 0.01
 
 
 @dataclass(frozen=True)
@@ -113,9 +117,12 @@ class TrainingState:
         self.history.append(result)
         improved = self.best_epoch == 0 or result.val_accuracy > self.best_val_accuracy or (
             result.val_accuracy == self.best_val_accuracy and result.val_loss < self.best_val_loss)
+        progress = self.best_epoch == 0 or result.val_accuracy > self.best_val_accuracy or (
+            result.val_accuracy == self.best_val_accuracy and result.val_loss < self.best_val_loss - LOSS_MIN_DELTA)
         if improved:
             self.best_epoch, self.best_val_accuracy, self.best_val_loss = (result.epoch, result.val_accuracy,
                                                                             result.val_loss)
+        if progress:
             self.epochs_without_improvement = 0
         elif self.best_val_accuracy > self.chance_ceiling:
             self.epochs_without_improvement += 1
