@@ -15,7 +15,7 @@ def test_repo_params_yaml_is_valid_and_has_the_documented_keys():
     assert params.data.source == "data/sample"
     assert params.model.attention == "conv"
     assert params.train.epochs == "auto" and params.train.steps >= 1 and params.train.batch_size >= 1
-    assert params.model.head == "gap"
+    assert params.model.head == "gmp"
 
 
 def test_missing_keys_take_defaults_and_ints_are_accepted_for_floats():
@@ -32,7 +32,7 @@ def test_missing_keys_take_defaults_and_ints_are_accepted_for_floats():
         ({"train": {"epochs": 0}}, "'train.epochs'", "'auto' or an integer >= 1"),
         ({"train": {"epochs": True}}, "'train.epochs'", "'auto' or an integer"),
         ({"train": {"epochs": "many"}}, "'train.epochs'", "'auto' or an integer"),
-        ({"model": {"head": "mlp"}}, "'model.head'", "'gap', 'gmp', 'flatten'"),
+        ({"model": {"head": "mlp"}}, "'model.head'", "'gmp', 'gap', 'flatten'"),
         ({"train": {"flip": "vertical"}}, "'train.flip'", "'horizontal', 'both', 'none'"),
         ({"train": {"rotate": 200}}, "'train.rotate'", "<= 180.0"),
         ({"train": {"label_smoothing": 1}}, "'train.label_smoothing'", "< 1.0"),

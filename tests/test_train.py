@@ -26,8 +26,10 @@ from attention_cnn.train import train
 REPO = Path(__file__).resolve().parents[1]
 IMG, CLASSES = 16, ["red", "green", "blue"]
 RAW = {"seed": 7, "img_size": IMG,
-       "model": {"attention": "conv", "channels": 4, "hidden": 8, "dropout": 0.1},
-       "train": {"epochs": 4, "batch_size": 16, "lr": 0.03, "patience": 10, "device": "cpu"}}
+       "model": {"attention": "conv", "channels": 4, "hidden": 8, "dropout": 0.1, "head": "flatten"},
+       # The class of make_split's images is their colour: the colour augmentations would hide it.
+       "train": {"epochs": 4, "batch_size": 16, "lr": 0.03, "patience": 10, "device": "cpu",
+                 "channel_shuffle": 0.0, "grey": 0.0, "color_jitter": 0.0}}
 PLOTS = ["train/loss", "train/accuracy", "val/loss", "val/accuracy", "lr", "images_per_s"]
 
 
@@ -367,7 +369,7 @@ def test_cpu_convolutions_compute_in_bf16_only_when_train_cpu_bf16_asks(prepared
     with tqdm(disable=True) as bar:
         totals = train_epoch(net, torch.optim.Adam(net.parameters()), BatchSource(split.images, split.labels,
                              torch.device("cpu"), resident=True), torch.randperm(n),
-                             torch.zeros(n, dtype=torch.bool), torch.zeros(n, 2, dtype=torch.long), p.train, bar)
+                             Draws(torch.zeros(n, dtype=torch.bool), torch.zeros(n, 2, dtype=torch.long)), p.train, bar)
     hook.remove()
     assert totals[2].item() == n and torch.isfinite(totals[0])
     assert set(dtypes) == {torch.bfloat16 if cpu_bf16 else torch.float32}
