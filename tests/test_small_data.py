@@ -18,16 +18,10 @@ from attention_cnn.model import load_model
 from attention_cnn.params import parse_params
 from attention_cnn.train import plan_training, train
 
+from test_train import one_thread  # noqa: F401 (an autouse fixture: tiny tensors, one thread)
+
 REPO = Path(__file__).resolve().parents[1]
 IMG = 32
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def params_for(source: Path, **train):
