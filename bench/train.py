@@ -14,6 +14,8 @@ angle per class, random phase, tint and noise), written as 150x150 JPEGs like th
            with --compile --also-eager the eager loop is timed as well, on the same data.
     seed   the seed's recipe: dense attention, fp32, batch 32, 128 channels, Adam, and a torch DataLoader
            that decodes every JPEG each epoch (Pillow + torchvision Resize/ToTensor).
+    old    (issue 15) the recipe main had before: batch 64, the flatten head, flips and shifts only, timed the same
+           way beside the new default, so the new / old images/s ratio comes from one run.
 It also measures this machine's matmul peak (a big torch.mm) and reports our achieved FLOP/s as a share of it
 (FLOPs of a training step, forward and backward, counted by torch's FlopCounterMode), and (on CPU) trains
 once at img_size 150 in a child process to report its peak RSS, and shows the seed's dense layer being refused.

@@ -16,7 +16,8 @@ from attention_cnn.inference import predict_logits
 from attention_cnn.metrics import chance_level, near_chance, not_learned_warning
 from attention_cnn.model import load_model
 from attention_cnn.params import parse_params
-from attention_cnn.train import plan_training, train
+from attention_cnn.schedule import EpochResult, TrainingState, plan_training
+from attention_cnn.train import train
 
 from test_train import one_thread  # noqa: F401 (an autouse fixture: tiny tensors, one thread)
 
@@ -97,13 +98,11 @@ def test_near_chance_allows_for_the_luck_of_a_small_split():
 
 
 def epoch(n: int, accuracy: float, loss: float):
-    from attention_cnn.train import EpochResult
     return EpochResult(epoch=n, train_loss=loss, train_accuracy=accuracy, val_loss=loss, val_accuracy=accuracy,
                        lr=1e-3, images_per_s=1.0)
 
 
 def test_early_stopping_ignores_tiny_loss_gains_and_waits_while_val_is_at_chance():
-    from attention_cnn.train import TrainingState
     converged = TrainingState(patience=3, epochs=100, chance_ceiling=0.5)
     for n, loss in enumerate([0.2, 0.004, 0.002, 0.001, 0.0005], start=1):
         converged.update(epoch(n, 1.0, loss))
