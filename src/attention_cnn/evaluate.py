@@ -122,7 +122,7 @@ def quality_files(quality: dict[str, MapQuality]) -> dict[str, dict[str, float]]
 
 
 def headline_metrics(report: ClassificationReport, best_epoch: int | None) -> dict[str, float]:
-    headline = {"accuracy": report.accuracy, "chance": chance_level(len(report.per_class)),
+    headline = {"accuracy": report.accuracy, "guess": round(chance_level(len(report.per_class)), 3),
                 "macro_f1": report.macro_f1, "loss": report.loss,
                 "top2_accuracy": report.top2_accuracy, "ece": report.ece}
     if best_epoch is not None:

@@ -139,7 +139,9 @@ SMALL_DATA_SECTION = 'README.md, "Training on a small folder"'
 
 
 def chance_level(num_classes: int) -> float:
-    """Accuracy of guessing: what `accuracy` must clearly beat (the splits are stratified, so about balanced)."""
+    """Accuracy of guessing: what `accuracy` must clearly beat (the splits are stratified, so about balanced).
+    The metrics files hold it as `guess`, to 3 decimals: `dvc metrics show`'s table must fit 160 columns, and a
+    column is as wide as its name or its value."""
     return 1.0 / num_classes
 
 

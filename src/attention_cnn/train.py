@@ -39,7 +39,7 @@ from attention_cnn.memory import check_model_fits
 from attention_cnn.metrics import chance_ceiling, chance_level, not_learned_warning
 from attention_cnn.model import AttentionCNN, save_model
 from attention_cnn.params import Params
-from attention_cnn.schedule import EpochResult, Plan, TrainingState, plan_training
+from attention_cnn.schedule import LOSS_MIN_DELTA, EpochResult, Plan, TrainingState, plan_training
 
 # An epoch of fewer optimizer steps than this barely moves the weights: train warns and says what to change.
 MIN_STEPS_PER_EPOCH = 10
@@ -114,7 +114,7 @@ class _Metrics:
         live.log_metric("best/epoch", state.best_epoch, plot=False)
         live.log_metric("best/val_accuracy", state.best_val_accuracy, plot=False)
         live.log_metric("best/val_loss", state.best_val_loss, plot=False)
-        live.log_metric("chance", self.chance, plot=False)  # 1 / classes: what val accuracy must clearly beat
+        live.log_metric("guess", self.chance, plot=False)  # chance level, 1 / classes: what accuracy must beat
         live.next_step()
 
     def end(self) -> None:
@@ -195,7 +195,7 @@ def _train(params: Params, ctx: Dist, prepared_dir: Path, model_path: Path, chec
     saved_at = checkpoint_path(checkpoint_dir, run_fingerprint)
     state = TrainingState(params.train.patience, plan.epochs,
                           chance_ceiling=chance_ceiling(len(train_split.classes), len(val_split)))
-    metrics = _Metrics(metrics_dir if ctx.is_main else None, chance_level(len(train_split.classes)))
+    metrics = _Metrics(metrics_dir if ctx.is_main else None, round(chance_level(len(train_split.classes)), 3))
     # Rank 0's checkpoint for every rank: the other machines of a several-machine run have none on their disk.
     saved = broadcast_from_main(read_checkpoint(saved_at, run_fingerprint, say) if ctx.is_main else None, ctx)
     best_weights = _resume(run, state, metrics, saved, saved_at, say)
@@ -342,7 +342,8 @@ def _report(result: EpochResult, state: TrainingState, patience: int, say: Calla
         f"val loss {result.val_loss:.4f} acc {result.val_accuracy:.4f} | lr {result.lr:.2e} | "
         f"{result.images_per_s:,.0f} img/s" + (" | best" if state.best_epoch == result.epoch else ""))
     if state.stopping_early:
-        say(f"early stop: val accuracy has not improved for {patience} epochs (best: epoch {state.best_epoch}).")
+        say(f"early stop: no val progress (a higher accuracy, or the same with a loss lower by {LOSS_MIN_DELTA}) "
+            f"for {patience} epochs (best: epoch {state.best_epoch}).")
 
 
 def _save_progress(run: _Run, state: TrainingState, best_weights: dict[str, torch.Tensor] | None,
