@@ -132,11 +132,14 @@ class Draws:
     channels: torch.Tensor | None = None
     colour: torch.Tensor | None = None
 
+    def _parts(self) -> list[torch.Tensor | None]:
+        return [getattr(self, f.name) for f in dataclasses.fields(self)]  # not astuple: it deep-copies tensors
+
     def to(self, device: torch.device) -> "Draws":
-        return Draws(*(None if t is None else t.to(device) for t in dataclasses.astuple(self)))
+        return Draws(*(None if t is None else t.to(device) for t in self._parts()))
 
     def __getitem__(self, part: slice) -> "Draws":
-        return Draws(*(None if t is None else t[part] for t in dataclasses.astuple(self)))
+        return Draws(*(None if t is None else t[part] for t in self._parts()))
 
 
 def _uniform(n: int, lo: float, hi: float, generator: torch.Generator) -> torch.Tensor:
