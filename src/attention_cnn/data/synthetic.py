@@ -54,8 +54,8 @@ def _shape(rng: np.random.Generator, name: str, size: int) -> np.ndarray:
         draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=tuple(int(v) for v in fg))
     else:
         start = rng.uniform(0, 2 * math.pi)
-        corners = [(cx + r * math.cos(start + 2 * math.pi * k / sides), cy + r * math.sin(start + 2 * math.pi * k / sides))
-                   for k in range(sides)]
+        angles = [start + 2 * math.pi * k / sides for k in range(sides)]
+        corners = [(cx + r * math.cos(a), cy + r * math.sin(a)) for a in angles]
         draw.polygon(corners, fill=tuple(int(v) for v in fg))
     return np.asarray(image, dtype=np.float32)
 
