@@ -14,6 +14,8 @@ angle per class, random phase, tint and noise), written as 150x150 JPEGs like th
            with --compile --also-eager the eager loop is timed as well, on the same data.
     seed   the seed's recipe: dense attention, fp32, batch 32, 128 channels, Adam, and a torch DataLoader
            that decodes every JPEG each epoch (Pillow + torchvision Resize/ToTensor).
+    old    (issue 15) the recipe main had before: batch 64, the flatten head, flips and shifts only, timed the same
+           way beside the new default, so the new / old images/s ratio comes from one run.
 It also measures this machine's matmul peak (a big torch.mm) and reports our achieved FLOP/s as a share of it
 (FLOPs of a training step, forward and backward, counted by torch's FlopCounterMode), and (on CPU) trains
 once at img_size 150 in a child process to report its peak RSS, and shows the seed's dense layer being refused.
@@ -53,6 +55,11 @@ from attention_cnn.train import train
 
 SOURCE_SIZE = 150
 SEED_CHANNELS, SEED_BATCH = 128, 32
+# The recipe before issue 15 (main's params.yaml then): batch 64, the flatten head, flips and shifts only.
+OLD_DEFAULT = {"model": {"head": "flatten"},
+               "train": {"batch_size": 64, "flip": "horizontal", "rotate": 0.0, "scale": 0.0, "color_jitter": 0.0,
+                         "grey": 0.0, "channel_shuffle": 0.0, "label_smoothing": 0.0}}
+OLD_DESCRIPTION = "batch 64, model.head=flatten, flips and shifts only"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -233,12 +240,12 @@ def profile_steps(prepared: Path, args, channels: int, top: int = 12) -> None:
         optimizer = torch.optim.Adam(net.parameters(), lr=tp.lr, weight_decay=tp.weight_decay)
         source = BatchSource(split.images, split.labels, device, resident=True)
         order = torch.randperm(len(split))[:steps * tp.batch_size]
-        flip, shift = draw_augmentation(order.numel(), split.img_size, tp.max_shift, torch.Generator())
+        draws = draw_augmentation(order.numel(), split.img_size, tp, torch.Generator())
         bar = tqdm(disable=True)
-        train_epoch(net, optimizer, source, order, flip, shift, tp, bar)  # warm-up: oneDNN picks its kernels
+        train_epoch(net, optimizer, source, order, draws, tp, bar)  # warm-up: oneDNN picks its kernels
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
             started = time.perf_counter()
-            train_epoch(net, optimizer, source, order, flip, shift, tp, bar)
+            train_epoch(net, optimizer, source, order, draws, tp, bar)
             wall_us = 1e6 * (time.perf_counter() - started)
     ops = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
     print(f"\n== profile: {channels} channels, batch {tp.batch_size}, {steps} steps, "
@@ -293,6 +300,7 @@ def main() -> None:
     parser.add_argument("--seed-batches", type=int, default=12, help="timed batches of the seed loop")
     parser.add_argument("--seed-workers", type=int, default=0, help="DataLoader workers of the seed loop")
     parser.add_argument("--skip-seed", action="store_true")
+    parser.add_argument("--skip-old-default", action="store_true", help="do not time the recipe before issue 15")
     parser.add_argument("--seed-width", action="store_true", help="also time ours at the seed's 128 channels")
     parser.add_argument("--cpu-bf16", action="store_true",
                         help="with --seed-width on CPU: also time ours there with train.cpu_bf16=true")
@@ -332,6 +340,11 @@ def main() -> None:
         print(f"ours (conv, {args.channels} ch, batch {args.batch_size}"
               f"{', bf16 autocast + channels_last' if device.type == 'cuda' else ', fp32'}"
               f"{', compiled' if args.compile else ''}): {ours['images_per_s']:,.0f} images/s")
+        if not args.skip_old_default:  # issue 15 changed the recipe: what its throughput costs, in the same run
+            old = run_ours(tmp / "prepared", tmp / "old", args,
+                           {"model": {"channels": args.channels, **OLD_DEFAULT["model"]}, "train": OLD_DEFAULT["train"]})
+            print(f"old default recipe ({OLD_DESCRIPTION}): {old['images_per_s']:,.0f} images/s; "
+                  f"ratio new default / old default: {ours['images_per_s'] / old['images_per_s']:.2f}x")
         if eager:
             print(f"torch.compile speed-up: {ours['images_per_s'] / eager['images_per_s']:.2f}x")
         wide = None

@@ -85,7 +85,7 @@ def test_evaluate_writes_metrics_confusion_and_gallery(workspace, evaluated):
     assert metrics["accuracy"] == pytest.approx(evaluated.report.accuracy)
     assert metrics["macro_f1"] == pytest.approx(evaluated.report.macro_f1)
     # The headline only, so `dvc metrics show` fits a terminal: per-class numbers live in per_class.json.
-    assert set(metrics) == {"accuracy", "macro_f1", "loss", "top2_accuracy", "ece", "best_epoch"}
+    assert set(metrics) == {"accuracy", "guess", "macro_f1", "loss", "top2_accuracy", "ece", "best_epoch"}
     for method in ("attention", "gradcam", "random"):
         scores = json.loads((workspace / f"metrics/evaluate/{method}.json").read_text())
         assert set(scores) == {"deletion_auc", "insertion_auc", "pointing_game"}

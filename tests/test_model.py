@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from attention_cnn.errors import UserError
 from attention_cnn.memory import available_memory_bytes, check_dense_fits, check_model_fits, dense_attention_bytes
 from attention_cnn.model import AttentionCNN, ConvAttention, DenseAttention, load_model, save_model
-from attention_cnn.params import ATTENTION_VARIANTS, ModelParams
+from attention_cnn.params import ATTENTION_VARIANTS, HEADS, ModelParams
 
 IMG, C, B, K = 32, 8, 3, 4  # final map h = w = 32 // 8 = 4
 
@@ -65,6 +65,28 @@ def test_every_variant_trains_a_step_in_bf16_autocast_and_channels_last(variant)
     for name, param in model.named_parameters():
         assert param.dtype == torch.float32 and param.grad is not None, name
         assert torch.isfinite(param.grad).all(), name
+
+
+@pytest.mark.parametrize("variant", ATTENTION_VARIANTS)
+@pytest.mark.parametrize("head", HEADS)
+def test_every_variant_works_with_every_head(variant, head):
+    model = tiny(variant, head=head)
+    out = model(torch.rand(B, 3, IMG, IMG))
+    assert out.logits.shape == (B, K)
+    seen = model.attention.head_input(out.attended, head)
+    expected = {"flatten": out.attended.flatten(1), "gmp": out.attended.amax(dim=(2, 3)),
+                "gap": out.attended.sum(dim=(2, 3)) if variant == "ltpa" else out.attended.mean(dim=(2, 3))}[head]
+    torch.testing.assert_close(seen, expected)
+    assert model.head[0].in_features == seen.shape[1] == (C * 16 if head == "flatten" else C)
+
+
+def test_pooled_heads_ignore_where_the_evidence_is_and_flatten_does_not():
+    attended = torch.rand(B, C, 4, 4)
+    moved = torch.roll(attended, shifts=(1, 2), dims=(2, 3))  # the same evidence elsewhere on the map
+    attention = tiny("conv").attention
+    for head, same in (("gap", True), ("gmp", True), ("flatten", False)):
+        a, b = attention.head_input(attended, head), attention.head_input(moved, head)
+        assert torch.allclose(a, b, atol=1e-6) == same, head
 
 
 def test_dense_reproduces_the_seed_formula_by_hand():

@@ -14,7 +14,8 @@ def test_repo_params_yaml_is_valid_and_has_the_documented_keys():
     assert params.img_size > 0 and params.seed >= 0
     assert params.data.source == "data/sample"
     assert params.model.attention == "conv"
-    assert params.train.epochs >= 1 and params.train.batch_size >= 1
+    assert params.train.epochs == "auto" and params.train.steps >= 1 and params.train.batch_size >= 1
+    assert params.model.head == "gmp"
 
 
 def test_missing_keys_take_defaults_and_ints_are_accepted_for_floats():
@@ -28,8 +29,13 @@ def test_missing_keys_take_defaults_and_ints_are_accepted_for_floats():
     [
         ({"img_size": "big"}, "'img_size'", "an integer"),
         ({"img_size": 8}, "'img_size'", ">= 16"),
-        ({"train": {"epochs": 0}}, "'train.epochs'", ">= 1"),
-        ({"train": {"epochs": True}}, "'train.epochs'", "an integer"),
+        ({"train": {"epochs": 0}}, "'train.epochs'", "'auto' or an integer >= 1"),
+        ({"train": {"epochs": True}}, "'train.epochs'", "'auto' or an integer"),
+        ({"train": {"epochs": "many"}}, "'train.epochs'", "'auto' or an integer"),
+        ({"model": {"head": "mlp"}}, "'model.head'", "'gmp', 'gap', 'flatten'"),
+        ({"train": {"flip": "vertical"}}, "'train.flip'", "'horizontal', 'both', 'none'"),
+        ({"train": {"rotate": 200}}, "'train.rotate'", "<= 180.0"),
+        ({"train": {"label_smoothing": 1}}, "'train.label_smoothing'", "< 1.0"),
         ({"train": {"augment": "yes"}}, "'train.augment'", "true or false"),
         ({"model": {"attention": "softmax"}}, "'model.attention'", "'none', 'dense', 'conv', 'spatial', 'ltpa'"),
         ({"data": {"resize": "squash"}}, "'data.resize'", "'stretch', 'center_crop', 'pad'"),
@@ -51,7 +57,7 @@ def test_bad_values_name_the_key_and_the_allowed_values(raw, key, allowed):
 
 
 def test_unknown_keys_are_refused_with_the_allowed_list():
-    with pytest.raises(ParamsError, match=r"unknown key 'train.epoch'.*Allowed keys: epochs, batch_size"):
+    with pytest.raises(ParamsError, match=r"unknown key 'train.epoch'.*Allowed keys: epochs, steps, val_every, batch_size"):
         parse_params({"train": {"epoch": 3}})
     with pytest.raises(ParamsError, match=r"unknown key 'imgsize'"):
         parse_params({"imgsize": 64})

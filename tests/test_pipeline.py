@@ -26,6 +26,8 @@ def repo(built_repo, tmp_path_factory) -> Path:
 def test_repro_writes_metrics_model_and_images(repo):
     metrics = json.loads((repo / "metrics/evaluate/metrics.json").read_text())
     assert 0.0 <= metrics["accuracy"] <= 1.0
+    assert metrics["guess"] == 0.167  # beside accuracy, so `dvc exp show` tells a model that did not learn
+    assert json.loads((repo / "metrics/train/metrics.json").read_text())["guess"] == 0.167
     shown = json.loads(run(["dvc", "metrics", "show", "--json"], repo))
     assert "accuracy" in json.dumps(shown)
 
@@ -53,8 +55,8 @@ def test_metrics_show_fits_160_columns(repo):
     assert [line.split()[0] for line in lines] == ["Path", "metrics/evaluate/metrics.json",
                                                    "metrics/evaluate/attention.json", "metrics/evaluate/gradcam.json",
                                                    "metrics/evaluate/random.json"]
-    assert lines[0].split()[1:] == ["accuracy", "best_epoch", "deletion_auc", "ece", "insertion_auc", "loss",
-                                    "macro_f1", "pointing_game", "top2_accuracy"]
+    assert lines[0].split()[1:] == ["accuracy", "best_epoch", "deletion_auc", "ece", "guess", "insertion_auc",
+                                    "loss", "macro_f1", "pointing_game", "top2_accuracy"]
 
 
 # Writes, once the page has loaded, how many of its images decoded into the DOM that --dump-dom prints.

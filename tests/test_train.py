@@ -19,14 +19,17 @@ from attention_cnn.data.prepared import PreparedSplit, load_split, save_split
 from attention_cnn.errors import UserError
 from attention_cnn.model import AttentionCNN, load_model
 from attention_cnn.params import parse_params
-from attention_cnn.epoch import BatchSource, augment, reuse_freed_host_memory, train_epoch
+from attention_cnn.epoch import (BatchSource, Draws, adjust_colour, augment, draw_augmentation,
+                                 reuse_freed_host_memory, train_epoch)
 from attention_cnn.train import train
 
 REPO = Path(__file__).resolve().parents[1]
 IMG, CLASSES = 16, ["red", "green", "blue"]
 RAW = {"seed": 7, "img_size": IMG,
-       "model": {"attention": "conv", "channels": 4, "hidden": 8, "dropout": 0.1},
-       "train": {"epochs": 4, "batch_size": 16, "lr": 0.03, "patience": 10, "device": "cpu"}}
+       "model": {"attention": "conv", "channels": 4, "hidden": 8, "dropout": 0.1, "head": "flatten"},
+       # The class of make_split's images is their colour: the colour augmentations would hide it.
+       "train": {"epochs": 4, "batch_size": 16, "lr": 0.03, "patience": 10, "device": "cpu",
+                 "channel_shuffle": 0.0, "grey": 0.0, "color_jitter": 0.0}}
 PLOTS = ["train/loss", "train/accuracy", "val/loss", "val/accuracy", "lr", "images_per_s"]
 
 
@@ -264,20 +267,23 @@ def test_augment_flips_and_shifts_whole_pixels_per_image():
     x = torch.arange(2 * 3 * 6 * 6, dtype=torch.float32).view(2, 3, 6, 6)
     flip = torch.tensor([True, False])
     shift = torch.tensor([[0, 0], [1, -2]])  # image 1: one pixel in x, two in y
-    y = augment(x, flip, shift)
+    y = augment(x, Draws(flip, shift))
     assert torch.equal(y[0], x[0].flip(-1))
     # out[i, j] = in[i + dy, j + dx], borders reflected: the interior is an exact copy of shifted pixels.
     assert torch.equal(y[1, :, 2:, :5], x[1, :, :4, 1:])
-    assert torch.equal(augment(x, torch.tensor([False, False]), torch.zeros(2, 2, dtype=torch.long)), x)
+    assert torch.equal(augment(x, Draws(torch.tensor([False, False]), torch.zeros(2, 2, dtype=torch.long))), x)
 
 
-def grid_sample_augment(x: torch.Tensor, flip: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """The same flip and shift as a nearest-neighbour, reflection-padded affine resampling (what `augment` did
-    before it became a gather): the reference the gather must reproduce pixel for pixel."""
+def grid_sample_augment(x: torch.Tensor, flip: torch.Tensor, shift: torch.Tensor,
+                        affine: torch.Tensor | None = None) -> torch.Tensor:
+    """The same flip, shift and affine map as a nearest-neighbour, reflection-padded affine resampling (what
+    `augment` did before it became a gather): the reference the gather must reproduce pixel for pixel."""
     B, _, H, W = x.shape
     theta = torch.zeros(B, 2, 3)
     theta[:, 0, 0] = 1 - 2 * flip.float()
     theta[:, 1, 1] = 1
+    if affine is not None:  # source = A @ (flipped output), about the centre
+        theta[:, :2, :2] = affine @ theta[:, :2, :2]
     theta[:, 0, 2] = shift[:, 0] * (2 / W)
     theta[:, 1, 2] = shift[:, 1] * (2 / H)
     grid = torch.nn.functional.affine_grid(theta, [B, 3, H, W], align_corners=False)
@@ -290,9 +296,42 @@ def test_augment_picks_the_pixels_of_a_reflection_padded_affine_resampling(size)
     x = torch.randint(0, 256, (40, 3, size, size), generator=g, dtype=torch.uint8)
     flip = torch.rand(40, generator=g) < 0.5
     shift = torch.randint(-size // 2, size // 2 + 1, (40, 2), generator=g)  # up to train.max_shift's limit, 0.5
-    y = augment(x, flip, shift)
+    y = augment(x, Draws(flip, shift))
     assert y.dtype == torch.uint8 and y.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(y, grid_sample_augment(x.float(), flip, shift).to(torch.uint8))
+
+
+@pytest.mark.parametrize("size", [16, 15, 64])
+def test_rotation_zoom_and_vertical_flip_pick_the_pixels_of_the_same_affine_resampling(size):
+    tp = params(rotate=180.0, scale=0.3, flip="both", max_shift=0.2).train
+    draws = draw_augmentation(40, size, tp, torch.Generator().manual_seed(size))
+    x = torch.randint(0, 256, (40, 3, size, size), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
+    y = augment(x, draws)
+    assert y.dtype == torch.uint8 and y.is_contiguous(memory_format=torch.channels_last)
+    expected = grid_sample_augment(x.float(), draws.flip, draws.shift, draws.affine).to(torch.uint8)
+    # The same nearest pixel except where a source coordinate falls within float rounding of a pixel border.
+    assert (y == expected).all(dim=1).float().mean() > 0.995
+
+
+def test_channel_order_is_one_permutation_per_image():
+    x = torch.randint(0, 256, (30, 3, 8, 8), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    draws = draw_augmentation(30, 8, params(channel_shuffle=1.0).train, torch.Generator().manual_seed(3))
+    y = augment(x, draws)
+    moved = augment(x, Draws(draws.flip, draws.shift))  # the same geometry, channels kept
+    for i in range(30):
+        assert torch.equal(y[i], moved[i][draws.channels[i]])
+    assert len({tuple(c) for c in draws.channels.tolist()}) > 1
+
+
+def test_colour_changes_match_torchvision_image_by_image():
+    from torchvision.transforms.v2 import functional as TF
+    x = torch.rand(12, 3, 10, 10, generator=torch.Generator().manual_seed(0))
+    draws = draw_augmentation(12, 10, params(color_jitter=0.5, grey=0.3).train, torch.Generator().manual_seed(1))
+    y = adjust_colour(x, draws.colour)
+    assert (draws.colour[:, 2] == 0).any()  # some images went grey
+    for i, (b, c, sat) in enumerate(draws.colour.tolist()):
+        ref = TF.adjust_saturation(TF.adjust_contrast(TF.adjust_brightness(x[i], b), c), sat)
+        torch.testing.assert_close(y[i], ref, atol=1e-5, rtol=0)
 
 
 @pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None,
@@ -330,7 +369,7 @@ def test_cpu_convolutions_compute_in_bf16_only_when_train_cpu_bf16_asks(prepared
     with tqdm(disable=True) as bar:
         totals = train_epoch(net, torch.optim.Adam(net.parameters()), BatchSource(split.images, split.labels,
                              torch.device("cpu"), resident=True), torch.randperm(n),
-                             torch.zeros(n, dtype=torch.bool), torch.zeros(n, 2, dtype=torch.long), p.train, bar)
+                             Draws(torch.zeros(n, dtype=torch.bool), torch.zeros(n, 2, dtype=torch.long)), p.train, bar)
     hook.remove()
     assert totals[2].item() == n and torch.isfinite(totals[0])
     assert set(dtypes) == {torch.bfloat16 if cpu_bf16 else torch.float32}

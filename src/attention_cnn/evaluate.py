@@ -32,7 +32,7 @@ from attention_cnn.figures import draw_gallery, prediction_label
 from attention_cnn.inference import (check_model_matches, images_to_float, load_for_inference, model_device,
                                      predict_logits, spread_over_classes)
 from attention_cnn.maps import AttentionMap, GradCAM, RandomMap, SaliencyMap
-from attention_cnn.metrics import ClassificationReport, classification_report
+from attention_cnn.metrics import ClassificationReport, chance_level, classification_report
 from attention_cnn.model import AttentionCNN, autocast
 from attention_cnn.params import Params
 
@@ -122,7 +122,8 @@ def quality_files(quality: dict[str, MapQuality]) -> dict[str, dict[str, float]]
 
 
 def headline_metrics(report: ClassificationReport, best_epoch: int | None) -> dict[str, float]:
-    headline = {"accuracy": report.accuracy, "macro_f1": report.macro_f1, "loss": report.loss,
+    headline = {"accuracy": report.accuracy, "guess": round(chance_level(len(report.per_class)), 3),
+                "macro_f1": report.macro_f1, "loss": report.loss,
                 "top2_accuracy": report.top2_accuracy, "ece": report.ece}
     if best_epoch is not None:
         headline["best_epoch"] = best_epoch

@@ -130,3 +130,35 @@ def classification_report(logits: torch.Tensor, labels: torch.Tensor, classes: l
         predictions=predictions,
         confidence=confidence,
     )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Did the run learn anything?
+
+SMALL_DATA_SECTION = 'README.md, "Training on a small folder"'
+
+
+def chance_level(num_classes: int) -> float:
+    """Accuracy of guessing: what `accuracy` must clearly beat (the splits are stratified, so about balanced).
+    The metrics files hold it as `guess`, to 3 decimals: `dvc metrics show`'s table must fit 160 columns, and a
+    column is as wide as its name or its value."""
+    return 1.0 / num_classes
+
+
+def chance_ceiling(num_classes: int, count: int) -> float:
+    """The highest accuracy over `count` images still within a few points of chance: 5 points, or 3 standard
+    errors of a guesser's accuracy on so few images (a best-of-many val accuracy drifts up by luck alone)."""
+    p = chance_level(num_classes)
+    return p + max(0.05, 3 * (p * (1 - p) / max(count, 1)) ** 0.5)
+
+
+def near_chance(accuracy: float, num_classes: int, count: int) -> bool:
+    return accuracy <= chance_ceiling(num_classes, count)
+
+
+def not_learned_warning(what: str, accuracy: float, num_classes: int, count: int) -> str | None:
+    """The one `warning:` line train and evaluate print when a model is no better than guessing, else None."""
+    if not near_chance(accuracy, num_classes, count):
+        return None
+    return (f"warning: {what} {accuracy:.3f} is about chance ({chance_level(num_classes):.3f} for {num_classes} "
+            f"classes, {count} images): the model did not learn. See {SMALL_DATA_SECTION}.")

@@ -67,13 +67,19 @@ class Attention(nn.Module):
         mask = self.attention_mask(features)  # (B, C or 1, h, w)
         return Masked(mask=mask, attended=features * mask)
 
-    def head_input(self, attended: torch.Tensor) -> torch.Tensor:
-        """What the classifier head sees: the whole attended map, flattened, as in the seed."""
-        return attended.flatten(1)  # (B, C*h*w)
+    def head_input(self, attended: torch.Tensor, head: str) -> torch.Tensor:
+        """What the classifier head sees (model.head): `flatten`, the seed's, the whole attended map as one vector,
+        so each weight is tied to a position; `gap` / `gmp`, its average / maximum over positions, so the same
+        evidence anywhere in the image gives the same input (translation invariant)."""
+        if head == "flatten":
+            return attended.flatten(1)     # (B, C*h*w)
+        if head == "gmp":
+            return attended.amax(dim=(2, 3))  # (B, C)
+        return attended.mean(dim=(2, 3))   # (B, C)
 
     @staticmethod
-    def head_width(channels: int, size: int) -> int:
-        return channels * size * size
+    def head_width(channels: int, size: int, head: str) -> int:
+        return channels * size * size if head == "flatten" else channels
 
 
 class NoAttention(Attention):
@@ -148,12 +154,12 @@ class LTPAttention(Attention):
         scores = torch.einsum("bchw,bc->bhw", features, g) / math.sqrt(C)
         return scores.flatten(1).softmax(dim=1).view(B, 1, h, w)    # (B, 1, h, w), sums to 1
 
-    def head_input(self, attended):
-        return attended.sum(dim=(2, 3))  # (B, C): the attention-weighted sum of local features
-
-    @staticmethod
-    def head_width(channels: int, size: int) -> int:
-        return channels
+    def head_input(self, attended, head):
+        """`gap`: the paper's attention-weighted sum g_a = sum_s a_s l_s (B, C), the mask being the weights of
+        an average; `flatten` and `gmp` as for the other variants."""
+        if head == "gap":
+            return attended.sum(dim=(2, 3))
+        return super().head_input(attended, head)
 
 
 # One builder per name in params.ATTENTION_VARIANTS, the list params.yaml is validated against.
@@ -213,7 +219,7 @@ class AttentionCNN(nn.Module):
         )
         self.attention = build_attention(params.attention, C, size)
         self.head = nn.Sequential(
-            nn.Linear(self.attention.head_width(C, size), params.hidden),
+            nn.Linear(self.attention.head_width(C, size, params.head), params.hidden),
             nn.ReLU(),
             nn.Dropout(params.dropout),
             nn.Linear(params.hidden, num_classes),
@@ -234,7 +240,7 @@ class AttentionCNN(nn.Module):
         x = (x - self.mean) / self.std                     # (B, 3, S, S)
         features = self.trunk(x)                           # (B, C, h, w)
         mask, attended = self.attention(features)          # (B, C or 1, h, w), (B, C, h, w)
-        logits = self.head(self.attention.head_input(attended))  # (B, K)
+        logits = self.head(self.attention.head_input(attended, self.params.head))  # (B, K)
         return AttentionOutput(logits=logits, features=features, mask=mask, attended=attended)
 
 
@@ -305,8 +311,11 @@ def _read_model_file(path: Path, map_location: torch.device | str) -> tuple[dict
         raise _not_ours(path, f"its stored 'classes' must be a list of at least two names, got {classes!r}")
     if not isinstance(blob.get("state_dict"), dict):
         raise _not_ours(path, "it holds no weights ('state_dict')")
+    stored = blob.get("params")
+    if isinstance(stored, dict) and "head" not in stored:  # written before model.head: the seed's head then
+        stored = {**stored, "head": "flatten"}
     try:  # the same schema as params.yaml, so a wrong type or an absurd size is refused before allocation
-        checked = parse_params({"img_size": blob.get("img_size"), "model": blob.get("params")})
+        checked = parse_params({"img_size": blob.get("img_size"), "model": stored})
     except ParamsError as exc:
         problem = str(exc).removeprefix("params.yaml: ").split(". Fix it in params.yaml")[0].rstrip(".")
         raise _not_ours(path, f"its stored params are not valid ({problem})") from exc

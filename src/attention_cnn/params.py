@@ -20,6 +20,8 @@ from attention_cnn.errors import UserError
 ATTENTION_VARIANTS = ("none", "dense", "conv", "spatial", "ltpa")
 RESIZE_POLICIES = ("stretch", "center_crop", "pad")
 LR_SCHEDULES = ("cosine", "step", "constant")
+HEADS = ("gmp", "gap", "flatten")
+FLIPS = ("horizontal", "both", "none")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -45,6 +47,10 @@ def _str() -> dict:
 
 def _bool() -> dict:
     return {"kind": bool}
+
+
+def _epochs() -> dict:
+    return {"kind": int, "lo": 1, "hi": 10_000, "auto": True}
 
 
 def _endpoint() -> dict:
@@ -79,18 +85,28 @@ class ModelParams:
     channels: int = field(default=32, metadata=_int(1, 1024))
     hidden: int = field(default=256, metadata=_int(1, 65_536))
     dropout: float = field(default=0.5, metadata=_float(0.0, 1.0, hi_open=True))
+    head: str = field(default="gmp", metadata=_choice(*HEADS))
 
 
 @dataclass(frozen=True)
 class TrainParams:
-    epochs: int = field(default=15, metadata=_int(1, 10_000))
-    batch_size: int = field(default=64, metadata=_int(1, 65_536))
+    epochs: int | str = field(default="auto", metadata=_epochs())
+    steps: int = field(default=2000, metadata=_int(1, 10_000_000))
+    val_every: int = field(default=50, metadata=_int(1, 1_000_000))
+    batch_size: int = field(default=32, metadata=_int(1, 65_536))
     lr: float = field(default=0.002, metadata=_float(0.0, 10.0, lo_open=True))
     weight_decay: float = field(default=0.0001, metadata=_float(0.0, 1.0))
+    label_smoothing: float = field(default=0.0, metadata=_float(0.0, 1.0, hi_open=True))
     lr_schedule: str = field(default="cosine", metadata=_choice(*LR_SCHEDULES))
-    patience: int = field(default=5, metadata=_int(1, 10_000))
+    patience: int = field(default=10, metadata=_int(1, 10_000))
     augment: bool = field(default=True, metadata=_bool())
     max_shift: float = field(default=0.1, metadata=_float(0.0, 0.5))
+    flip: str = field(default="horizontal", metadata=_choice(*FLIPS))
+    rotate: float = field(default=0.0, metadata=_float(0.0, 180.0))
+    scale: float = field(default=0.0, metadata=_float(0.0, 0.9))
+    color_jitter: float = field(default=0.3, metadata=_float(0.0, 0.9))
+    grey: float = field(default=0.2, metadata=_float(0.0, 1.0))
+    channel_shuffle: float = field(default=0.5, metadata=_float(0.0, 1.0))
     device: str = field(default="auto", metadata=_choice(*DEVICES))
     compile: bool = field(default=False, metadata=_bool())
     cpu_bf16: bool = field(default=False, metadata=_bool())
@@ -149,6 +165,8 @@ def _describe(spec: dict) -> str:
         return "host:port of the first machine (e.g. 10.0.0.1:29500), or \"\" when train.nnodes is 1"
     if "choices" in spec:
         return "one of " + ", ".join(repr(c) for c in spec["choices"])
+    if spec.get("auto"):
+        return f"'auto' or an integer >= {spec['lo']} and <= {spec['hi']}"
     if kind is bool:
         return "true or false"
     if kind is str:
@@ -167,6 +185,8 @@ def _describe(spec: dict) -> str:
 def _check_value(key: str, value: Any, spec: dict) -> Any:
     kind = spec["kind"]
     wanted = _describe(spec)
+    if spec.get("auto") and value == "auto":
+        return value
     if kind is bool:
         ok = isinstance(value, bool)
     elif kind is int:

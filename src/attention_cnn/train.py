@@ -20,7 +20,7 @@ import math
 import random
 import time
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -38,24 +38,13 @@ from attention_cnn.epoch import (BatchSource, draw_augmentation, fits_on_device,
                                  validation_totals)
 from attention_cnn.errors import UserError
 from attention_cnn.memory import check_model_fits
+from attention_cnn.metrics import chance_ceiling, chance_level, not_learned_warning
 from attention_cnn.model import AttentionCNN, save_model
-from attention_cnn.params import Params, TrainParams
+from attention_cnn.params import Params
+from attention_cnn.schedule import LOSS_MIN_DELTA, EpochResult, Plan, TrainingState, plan_training
 
 # An epoch of fewer optimizer steps than this barely moves the weights: train warns and says what to change.
 MIN_STEPS_PER_EPOCH = 10
-
-
-@dataclass(frozen=True)
-class EpochResult:
-    epoch: int             # 1-based
-    train_loss: float
-    train_accuracy: float
-    val_loss: float
-    val_accuracy: float
-    lr: float
-    images_per_s: float    # training images per second over all processes, augmentation included
-
-
 @dataclass(frozen=True)
 class TrainResult:
     best_epoch: int
@@ -66,40 +55,6 @@ class TrainResult:
     resumed_from: int      # epochs taken from a checkpoint (0: fresh start)
     history: list[EpochResult]
     model_path: Path | None  # None on ranks other than 0
-
-
-@dataclass
-class TrainingState:
-    """Model selection on val and early stopping, advanced by one `update` per finished epoch: in the live loop,
-    and again over a checkpoint's history when a run resumes."""
-    patience: int
-    epochs: int
-    history: list[EpochResult] = field(default_factory=list)
-    best_epoch: int = 0            # 0: no epoch yet
-    best_val_accuracy: float = 0.0
-    best_val_loss: float = math.inf
-    epochs_without_improvement: int = 0
-
-    def update(self, result: EpochResult) -> bool:
-        """Record a finished epoch. True when it is the best so far: top val accuracy, ties to the lower loss."""
-        self.history.append(result)
-        improved = self.best_epoch == 0 or result.val_accuracy > self.best_val_accuracy or (
-            result.val_accuracy == self.best_val_accuracy and result.val_loss < self.best_val_loss)
-        if improved:
-            self.best_epoch, self.best_val_accuracy, self.best_val_loss = (result.epoch, result.val_accuracy,
-                                                                            result.val_loss)
-            self.epochs_without_improvement = 0
-        else:
-            self.epochs_without_improvement += 1
-        return improved
-
-    @property
-    def stopping_early(self) -> bool:
-        return self.epochs_without_improvement >= self.patience
-
-    @property
-    def done(self) -> bool:
-        return self.stopping_early or len(self.history) >= self.epochs
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -141,8 +96,8 @@ class _Metrics:
     an uninterrupted run even when DVC deleted metrics/train before the re-run (it is not a persistent out) or
     the kill landed between a DVCLive write and the checkpoint write."""
 
-    def __init__(self, metrics_dir: Path | str | None):
-        self.live = None
+    def __init__(self, metrics_dir: Path | str | None, chance: float):
+        self.live, self.chance = None, chance
         if metrics_dir is not None:
             from dvclive import Live  # imported here: DDP workers other than rank 0 never need it
             # dvcyaml=None: the pipeline's dvc.yaml declares our plots; DVCLive must not rewrite it.
@@ -161,6 +116,7 @@ class _Metrics:
         live.log_metric("best/epoch", state.best_epoch, plot=False)
         live.log_metric("best/val_accuracy", state.best_val_accuracy, plot=False)
         live.log_metric("best/val_loss", state.best_val_loss, plot=False)
+        live.log_metric("guess", self.chance, plot=False)  # chance level, 1 / classes: what accuracy must beat
         live.next_step()
 
     def end(self) -> None:
@@ -225,7 +181,8 @@ class _Run:
     train_data: BatchSource
     val_data: BatchSource
     val_indices: torch.Tensor    # this rank's share of val, on val_data.index_device
-    per_rank: int                # training images per process and epoch
+    per_rank: int                # training images per process and pass
+    plan: Plan
     progress: bool
     step_model: torch.nn.Module | None = None  # net, wrapped by DDP and torch.compile where asked
 
@@ -236,17 +193,23 @@ def _train(params: Params, ctx: Dist, prepared_dir: Path, model_path: Path, chec
     say = (lambda msg: print(msg, flush=True)) if ctx.is_main else (lambda msg: None)
     train_split, val_split = load_train_val(prepared_dir)
     per_rank = _images_per_rank(len(train_split), ctx, prepared_dir)
-    _warn_if_few_steps(prepared_dir, len(train_split), per_rank, params.train.batch_size, say)
+    plan = plan_training(params.train, per_rank)
+    if params.train.epochs != "auto":  # auto makes enough steps by itself
+        _warn_if_few_steps(prepared_dir, len(train_split), per_rank, params.train.batch_size, say)
+    else:
+        say(f"train: {plan.epochs} epochs of {plan.passes} pass{'es' if plan.passes > 1 else ''} over "
+            f"{len(train_split)} images, {plan.steps} steps at most (train.steps={params.train.steps}).")
     check_model_fits(params.model, train_split.img_size, ctx.device, params.train.batch_size)
-    run = _build_run(params, ctx, train_split, val_split, per_rank, progress, resident, say)
+    run = _build_run(params, ctx, train_split, val_split, per_rank, plan, progress, resident, say)
 
     run_fingerprint = fingerprint(params, train_split, val_split, _TRAINING_CODE)
     check_same_run(run_fingerprint, params, ctx)
     saved_at = checkpoint_path(checkpoint_dir, run_fingerprint)
     if ctx.is_main:  # a second run of this fingerprint in this checkout is refused while this one trains
         held.enter_context(run_lock(saved_at))
-    state = TrainingState(params.train.patience, params.train.epochs)
-    metrics = _Metrics(metrics_dir if ctx.is_main else None)
+    state = TrainingState(params.train.patience, plan.epochs,
+                          chance_ceiling=chance_ceiling(len(train_split.classes), len(val_split)))
+    metrics = _Metrics(metrics_dir if ctx.is_main else None, round(chance_level(len(train_split.classes)), 3))
     # Rank 0's checkpoint for every rank: the other machines of a several-machine run have none on their disk.
     saved = broadcast_from_main(read_checkpoint(saved_at, run_fingerprint, say) if ctx.is_main else None, ctx)
     best_weights = _resume(run, state, metrics, saved, saved_at, say)
@@ -257,7 +220,7 @@ def _train(params: Params, ctx: Dist, prepared_dir: Path, model_path: Path, chec
         result = _train_one_epoch(run, epoch=len(state.history) + 1)
         if state.update(result):
             best_weights = {k: v.detach().to("cpu", copy=True) for k, v in run.net.state_dict().items()}
-        _report(result, state, params.train, say)
+        _report(result, state, params.train.patience, say)
         metrics.log_epoch(result, state)
         _save_progress(run, state, best_weights, run_fingerprint, saved_at)
         if on_epoch_end is not None:
@@ -270,12 +233,16 @@ def _train(params: Params, ctx: Dist, prepared_dir: Path, model_path: Path, chec
                              best_epoch=state.best_epoch, state_dict=best_weights)
         say(f"{model_path}: best val accuracy {state.best_val_accuracy:.4f} (loss {state.best_val_loss:.4f}) "
             f"at epoch {state.best_epoch}.")
+        warning = not_learned_warning("best val accuracy", state.best_val_accuracy, len(train_split.classes),
+                                      len(val_split))
+        if warning:
+            say(warning)
     shut_down(ctx)
     if ctx.is_main:
         remove_checkpoint(saved_at)
     return TrainResult(best_epoch=state.best_epoch, best_val_accuracy=state.best_val_accuracy,
                        best_val_loss=state.best_val_loss, epochs_run=len(state.history),
-                       stopped_early=len(state.history) < params.train.epochs, resumed_from=resumed_from,
+                       stopped_early=len(state.history) < plan.epochs, resumed_from=resumed_from,
                        history=state.history, model_path=written)
 
 
@@ -300,7 +267,7 @@ def _warn_if_few_steps(prepared_dir: Path, num_train: int, per_rank: int, batch_
 
 
 def _build_run(params: Params, ctx: Dist, train_split: PreparedSplit, val_split: PreparedSplit, per_rank: int,
-               progress: bool, resident: bool | None, say: Callable[[str], None]) -> _Run:
+               plan: Plan, progress: bool, resident: bool | None, say: Callable[[str], None]) -> _Run:
     tp, device = params.train, ctx.device
     # Model: same initial weights on every rank (DDP would broadcast them anyway); dropout streams differ.
     torch.manual_seed(params.seed)
@@ -326,10 +293,10 @@ def _build_run(params: Params, ctx: Dist, train_split: PreparedSplit, val_split:
                 "free memory; streaming their batches from host memory.")
     val_data = BatchSource(val_split.images, val_split.labels, device, resident)
     return _Run(params=params, ctx=ctx, net=net, optimizer=optimizer,
-                scheduler=make_scheduler(optimizer, tp.lr_schedule, tp.epochs), generators=generators,
+                scheduler=make_scheduler(optimizer, tp.lr_schedule, plan.epochs), generators=generators,
                 train_data=BatchSource(train_split.images, train_split.labels, device, resident), val_data=val_data,
                 val_indices=torch.arange(ctx.rank, len(val_split), ctx.world_size, device=val_data.index_device),
-                per_rank=per_rank, progress=progress)
+                per_rank=per_rank, plan=plan, progress=progress)
 
 
 def _step_model(net: AttentionCNN, ctx: Dist, compile_model: bool) -> torch.nn.Module:
@@ -360,16 +327,18 @@ def _resume(run: _Run, state: TrainingState, metrics: _Metrics, saved: dict | No
 
 def _train_one_epoch(run: _Run, epoch: int) -> EpochResult:
     tp, ctx, device = run.params.train, run.ctx, run.ctx.device
-    order = torch.randperm(run.train_data.num_images, generator=run.generators["shuffle"])
-    order = order[ctx.rank * run.per_rank:(ctx.rank + 1) * run.per_rank]
-    flip, shift = draw_augmentation(run.per_rank, run.train_data.img_size, tp.max_shift, run.generators["augment"])
-    order, flip, shift = order.to(run.train_data.index_device), flip.to(device), shift.to(device)
     lr = run.optimizer.param_groups[0]["lr"]
-    bar = tqdm(total=run.per_rank * ctx.world_size, desc=f"epoch {epoch}/{tp.epochs}", unit="img",
-               unit_scale=True, disable=not (run.progress and ctx.is_main), leave=False, dynamic_ncols=True)
+    bar = tqdm(total=run.per_rank * ctx.world_size * run.plan.passes, desc=f"epoch {epoch}/{run.plan.epochs}",
+               unit="img", unit_scale=True, disable=not (run.progress and ctx.is_main), leave=False,
+               dynamic_ncols=True)
     started = time.perf_counter()
-    totals = train_epoch(run.step_model, run.optimizer, run.train_data, order, flip, shift, tp, bar,
-                         images_per_update=ctx.world_size)
+    totals = 0
+    for _ in range(run.plan.passes):  # a fresh order and fresh augmentation draws each pass
+        order = torch.randperm(run.train_data.num_images, generator=run.generators["shuffle"])
+        order = order[ctx.rank * run.per_rank:(ctx.rank + 1) * run.per_rank].to(run.train_data.index_device)
+        draws = draw_augmentation(run.per_rank, run.train_data.img_size, tp, run.generators["augment"]).to(device)
+        totals = totals + train_epoch(run.step_model, run.optimizer, run.train_data, order, draws, tp, bar,
+                                      images_per_update=ctx.world_size)
     train_loss, train_correct, train_count = all_reduce_sum(totals, ctx).tolist()  # syncs the device
     seconds = time.perf_counter() - started
     bar.close()
@@ -383,12 +352,13 @@ def _train_one_epoch(run: _Run, epoch: int) -> EpochResult:
                        images_per_s=train_count / seconds)
 
 
-def _report(result: EpochResult, state: TrainingState, tp: TrainParams, say: Callable[[str], None]) -> None:
-    say(f"epoch {result.epoch}/{tp.epochs}: train loss {result.train_loss:.4f} acc {result.train_accuracy:.4f} | "
+def _report(result: EpochResult, state: TrainingState, patience: int, say: Callable[[str], None]) -> None:
+    say(f"epoch {result.epoch}/{state.epochs}: train loss {result.train_loss:.4f} acc {result.train_accuracy:.4f} | "
         f"val loss {result.val_loss:.4f} acc {result.val_accuracy:.4f} | lr {result.lr:.2e} | "
         f"{result.images_per_s:,.0f} img/s" + (" | best" if state.best_epoch == result.epoch else ""))
     if state.stopping_early:
-        say(f"early stop: val accuracy has not improved for {tp.patience} epochs (best: epoch {state.best_epoch}).")
+        say(f"early stop: no val progress (a higher accuracy, or the same with a loss lower by {LOSS_MIN_DELTA}) "
+            f"for {patience} epochs (best: epoch {state.best_epoch}).")
 
 
 def _save_progress(run: _Run, state: TrainingState, best_weights: dict[str, torch.Tensor] | None,

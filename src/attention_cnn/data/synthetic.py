@@ -1,0 +1,101 @@
+"""Small image folders of the kind a user brings, drawn from a seed (never downloaded), for tests and benchmarks.
+
+The built-in sample (sample.py) is easy because its classes differ in colour and texture. A user's classes often
+differ in shape, in colours that say nothing about the class; these folders test that case (issue 15):
+
+    shapes    circle / square / triangle: a filled shape of random size, position and rotation, random
+              foreground and background colours, light pixel noise. Only the outline tells the classes apart.
+    textures  stripes / checks / dots: a two-colour pattern of random colours, period, angle and phase filling
+              the image, light pixel noise. Only the pattern's structure tells them apart.
+    noise     the shapes' classes with the pixels of pure noise: nothing to learn (for the "did not learn" check).
+
+Every image has its own RNG seeded by (seed, kind, class, index), so a folder is the same on every machine.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from attention_cnn.atomic import atomic_dir
+
+KINDS = {
+    "shapes": ("circle", "square", "triangle"),
+    "textures": ("checks", "dots", "stripes"),
+    "noise": ("a", "b", "c"),
+}
+
+
+def _rng(seed: int, kind: str, name: str, index: int) -> np.random.Generator:
+    # crc32 rather than hash(): Python salts str hashes per process.
+    return np.random.default_rng([seed, zlib.crc32(f"{kind}/{name}".encode()), index])
+
+
+def _two_colours(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Foreground and background, any hue, at least a visible distance apart."""
+    while True:
+        fg, bg = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
+        if np.abs(fg - bg).sum() >= 150:
+            return fg, bg
+
+
+def _shape(rng: np.random.Generator, name: str, size: int) -> np.ndarray:
+    fg, bg = _two_colours(rng)
+    image = Image.new("RGB", (size, size), tuple(int(v) for v in bg))
+    r = rng.uniform(0.15, 0.35) * size                  # circumradius
+    cx, cy = rng.uniform(r, size - r, 2)                # the whole shape stays inside
+    sides = {"circle": 0, "square": 4, "triangle": 3}[name]
+    draw = ImageDraw.Draw(image)
+    if sides == 0:
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=tuple(int(v) for v in fg))
+    else:
+        start = rng.uniform(0, 2 * math.pi)
+        angles = [start + 2 * math.pi * k / sides for k in range(sides)]
+        corners = [(cx + r * math.cos(a), cy + r * math.sin(a)) for a in angles]
+        draw.polygon(corners, fill=tuple(int(v) for v in fg))
+    return np.asarray(image, dtype=np.float32)
+
+
+def _texture(rng: np.random.Generator, name: str, size: int) -> np.ndarray:
+    fg, bg = _two_colours(rng)
+    period = rng.uniform(0.12, 0.25) * size
+    angle = rng.uniform(0, math.pi)
+    ys, xs = np.mgrid[0:size, 0:size].astype(np.float32)
+    u = (xs * math.cos(angle) + ys * math.sin(angle)) / period + rng.uniform(0, 1)
+    v = (-xs * math.sin(angle) + ys * math.cos(angle)) / period + rng.uniform(0, 1)
+    if name == "stripes":
+        on = (u % 1) < 0.5
+    elif name == "checks":
+        on = ((np.floor(u) + np.floor(v)) % 2) == 0
+    else:  # dots: a disc in each cell of the grid
+        on = ((u % 1) - 0.5) ** 2 + ((v % 1) - 0.5) ** 2 < 0.3 ** 2
+    return np.where(on[..., None], fg, bg).astype(np.float32)
+
+
+def draw_image(seed: int, kind: str, name: str, index: int, size: int = 96) -> Image.Image:
+    """Image `index` of class `name` of `kind`: the same pixels for the same arguments."""
+    rng = _rng(seed, kind, name, index)
+    if kind == "shapes":
+        pixels = _shape(rng, name, size)
+    elif kind == "textures":
+        pixels = _texture(rng, name, size)
+    elif kind == "noise":
+        pixels = rng.uniform(0, 255, (size, size, 3)).astype(np.float32)
+    else:
+        raise ValueError(f"unknown kind {kind!r}; expected one of {sorted(KINDS)}")
+    pixels += rng.normal(0.0, 8.0, pixels.shape)        # light pixel noise
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
+
+
+def write_folder(out_dir: Path | str, kind: str, per_class: int, seed: int = 0, size: int = 96) -> Path:
+    """Write `<out_dir>/<class>/<class>_NNNN.png`, per_class images of each class of `kind`, atomically."""
+    with atomic_dir(out_dir) as staging:
+        for name in KINDS[kind]:
+            (staging / name).mkdir()
+            for i in range(per_class):
+                draw_image(seed, kind, name, i, size).save(staging / name / f"{name}_{i:04d}.png")
+    return Path(out_dir)

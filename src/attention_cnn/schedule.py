@@ -1,0 +1,92 @@
+"""How long a training run lasts and when it stops: the step budget's plan (`plan_training`), one epoch's
+results (`EpochResult`), and model selection with early stopping on val (`TrainingState`). train.py runs the
+epochs; this says how many and whether to go on."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from attention_cnn.params import TrainParams
+
+# At equal val accuracy, a val loss lower by less than this is still selected, but is no progress for early
+# stopping: once val accuracy is perfect, the loss of a confident model keeps halving (0.003, 0.0016, ...)
+# for as long as it trains, and a bigger step budget would never stop early.
+LOSS_MIN_DELTA = 0.01
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How long a run trains. A logged "epoch" (validation, early-stopping count, LR step, checkpoint) is
+    `passes` passes over the train split: 1 for an explicit train.epochs; with train.epochs=auto, enough passes
+    to make at least train.val_every optimizer steps, and enough epochs to make train.steps in all, so a small
+    folder gets as many weight updates as a big one, and patience counts validations, not tiny epochs."""
+    epochs: int
+    passes: int
+    steps_per_pass: int
+
+    @property
+    def steps(self) -> int:
+        return self.epochs * self.passes * self.steps_per_pass
+
+
+def plan_training(tp: TrainParams, per_rank: int) -> Plan:
+    steps_per_pass = math.ceil(per_rank / tp.batch_size)
+    if tp.epochs != "auto":
+        return Plan(epochs=tp.epochs, passes=1, steps_per_pass=steps_per_pass)
+    passes = math.ceil(tp.val_every / steps_per_pass)
+    return Plan(epochs=max(1, math.ceil(tp.steps / (passes * steps_per_pass))), passes=passes,
+                steps_per_pass=steps_per_pass)
+
+
+@dataclass(frozen=True)
+class EpochResult:
+    epoch: int             # 1-based
+    train_loss: float
+    train_accuracy: float
+    val_loss: float
+    val_accuracy: float
+    lr: float
+    images_per_s: float    # training images per second over all processes, augmentation included
+
+
+@dataclass
+class TrainingState:
+    """Model selection on val and early stopping, advanced by one `update` per finished epoch: in the live loop,
+    and again over a checkpoint's history when a run resumes.
+
+    Epochs whose best val accuracy is still at or below `chance_ceiling` do not count towards patience: a run
+    that has not left chance yet has not converged, it is still looking (small folders sit there for hundreds of
+    steps before they learn), so it is not stopped for that; the step budget still ends it."""
+    patience: int
+    epochs: int
+    chance_ceiling: float = 0.0
+    history: list[EpochResult] = field(default_factory=list)
+    best_epoch: int = 0            # 0: no epoch yet
+    best_val_accuracy: float = 0.0
+    best_val_loss: float = math.inf
+    epochs_without_improvement: int = 0
+
+    def update(self, result: EpochResult) -> bool:
+        """Record a finished epoch. True when it is the best so far: top val accuracy, ties to the lower loss."""
+        self.history.append(result)
+        improved = self.best_epoch == 0 or result.val_accuracy > self.best_val_accuracy or (
+            result.val_accuracy == self.best_val_accuracy and result.val_loss < self.best_val_loss)
+        progress = self.best_epoch == 0 or result.val_accuracy > self.best_val_accuracy or (
+            result.val_accuracy == self.best_val_accuracy and result.val_loss < self.best_val_loss - LOSS_MIN_DELTA)
+        if improved:
+            self.best_epoch, self.best_val_accuracy, self.best_val_loss = (result.epoch, result.val_accuracy,
+                                                                            result.val_loss)
+        if progress:
+            self.epochs_without_improvement = 0
+        elif self.best_val_accuracy > self.chance_ceiling:
+            self.epochs_without_improvement += 1
+        return improved
+
+    @property
+    def stopping_early(self) -> bool:
+        return self.epochs_without_improvement >= self.patience
+
+    @property
+    def done(self) -> bool:
+        return self.stopping_early or len(self.history) >= self.epochs
