@@ -33,7 +33,7 @@ NOISE = 0.01
 # The 8-neighbour weights of the ROAD paper: direct neighbours 1/6, diagonal 1/12 (centre unused).
 NEIGHBOURS = torch.tensor([[1 / 12, 1 / 6, 1 / 12], [1 / 6, 0.0, 1 / 6], [1 / 12, 1 / 6, 1 / 12]])
 TOLERANCE = 1e-4   # conjugate gradients stops when no Jacobi step would move a pixel by more than this
-MAX_ITERATIONS_PER_PX = 2  # ... or after 2 S iterations (CG on an S x S grid converges in O(S))
+MAX_ITERATIONS = (50, 2)  # ... or after 50 + 2 S iterations (CG on an S x S grid converges in O(S))
 
 
 @dataclass(frozen=True)
@@ -84,7 +84,7 @@ def impute(images: torch.Tensor, removed: torch.Tensor) -> torch.Tensor:
     z = r / degree
     p = z
     rz = (r * z).sum((2, 3), keepdim=True)                               # (M, C, 1, 1)
-    for _ in range(MAX_ITERATIONS_PER_PX * images.shape[-1]):
+    for _ in range(MAX_ITERATIONS[0] + MAX_ITERATIONS[1] * images.shape[-1]):
         if float(z.abs().amax()) <= TOLERANCE:
             break
         ap = apply(p)
@@ -98,9 +98,9 @@ def impute(images: torch.Tensor, removed: torch.Tensor) -> torch.Tensor:
     return known + x * unknown
 
 
-def noisy_impute(images: torch.Tensor, removed: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """ROAD's noisy linear imputation: `impute`, then N(0, NOISE^2) on the imputed pixels."""
-    noise = torch.randn(images.shape, generator=generator, device=generator.device).to(images)
+def noisy_impute(images: torch.Tensor, removed: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """ROAD's noisy linear imputation: `impute`, then NOISE * noise (standard normal, like images) on the imputed
+    pixels."""
     return impute(images, removed) + NOISE * noise * removed[:, None]
 
 
@@ -113,7 +113,9 @@ def road(score_fn: ScoreFn, images: torch.Tensor, targets: torch.Tensor, salienc
     counts = torch.tensor([round(f * pixels) for f in fractions], device=images.device)
     total = 2 * len(fractions) * num_images
     scores = torch.empty(total, dtype=torch.float32)
+    # One noise field per image, drawn once: the same map gets the same scores whatever the batch size.
     generator = torch.Generator(device=images.device).manual_seed(seed)
+    noise = torch.randn(images.shape, generator=generator, device=images.device).to(images)  # (B, 3, S, S)
     for lo in range(0, total, batch_size):
         triple = torch.arange(lo, min(lo + batch_size, total), device=images.device)
         lerf, step, image = triple // (len(fractions) * num_images), (triple // num_images) % len(fractions), \
@@ -121,7 +123,7 @@ def road(score_fn: ScoreFn, images: torch.Tensor, targets: torch.Tensor, salienc
         threshold = torch.where(lerf.bool(), pixels - counts[step], counts[step])[:, None]
         r = rank[image]
         removed = torch.where(lerf.bool()[:, None], r >= threshold, r < threshold)  # (m, S*S)
-        x = noisy_impute(images[image], removed.view(-1, *images.shape[-2:]), generator).clamp(0, 1)
+        x = noisy_impute(images[image], removed.view(-1, *images.shape[-2:]), noise[image]).clamp(0, 1)
         probs = score_fn(x).float()
         scores[lo:lo + len(triple)] = probs.gather(1, targets[image][:, None]).squeeze(1).cpu()
     morf, lerf_scores = scores.view(2, len(fractions), num_images)
