@@ -108,7 +108,8 @@ def markdown_table(summary: dict) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     if "paired" in summary:
         a, b = summary["paired"]["methods"]
-        tests = ", ".join(f"{HEADERS[k].rstrip(' ↑↓')} {v['difference']:+.3f} (p = {v['p']:.3f})"
+        tests = ", ".join(f"{HEADERS[k].rstrip(' ↑↓')} {v['difference']:+.3f} "
+                          f"({'p < 0.001' if v['p'] < 0.001 else 'p = ' + format(v['p'], '.3f')})"
                           for k, v in summary["paired"]["scores"].items())
         lines += ["", f"`{a}` − `{b}`, paired bootstrap over the same {summary['images']} images: {tests}."]
     return "\n".join(lines)
