@@ -148,7 +148,8 @@ def evaluate(params: Params, prepared_dir: Path | str, model_path: Path | str, m
     score_dirs = {"maps": metrics_dir.with_name("maps"), "ci": metrics_dir.with_name("ci")}
 
     with atomic_dir(metrics_dir, METRICS_FILES) as metrics_tmp, atomic_dir(out_dir, PLOT_FILES) as out_tmp, \
-            atomic_dir(score_dirs["maps"], SCORE_FILES) as maps_tmp, atomic_dir(score_dirs["ci"], SCORE_FILES) as ci_tmp:
+            atomic_dir(score_dirs["maps"], SCORE_FILES) as maps_tmp, \
+            atomic_dir(score_dirs["ci"], SCORE_FILES) as ci_tmp:
         write_json(metrics_tmp / "metrics.json", headline)
         for relative, content in metric_files(explained).items():
             folder, name = relative.split("/")
