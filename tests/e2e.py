@@ -19,7 +19,7 @@ TINY = {
     "data": {"val_fraction": 0.2, "test_fraction": 0.2, "workers": 2},
     "model": {"channels": 8, "hidden": 16},
     "train": {"epochs": 2, "batch_size": 16},
-    "evaluate": {"faithfulness_images": 6, "faithfulness_steps": 4},
+    "evaluate": {"faithfulness_images": 6, "faithfulness_steps": 4, "sanity_images": 2},
     "visualize": {"num_images": 3, "per_class": 2},
 }
 

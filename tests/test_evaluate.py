@@ -9,9 +9,9 @@ from PIL import Image
 
 from attention_cnn.data.prepared import PreparedSplit, load_split, save_split
 from attention_cnn.errors import UserError
-from attention_cnn.evaluate import (attention_quality, confusion_records, evaluate,
-                                    saliency_methods, write_misclassified)
-from attention_cnn.maps import AttentionMap, GradCAM, RandomMap, upsample
+from attention_cnn.evaluate import confusion_records, evaluate, write_misclassified
+from attention_cnn.explain.base import upsample
+from attention_cnn.explain.scoring import build_methods, score_methods
 from attention_cnn.metrics import classification_report
 from attention_cnn.model import AttentionCNN, load_model, save_model
 from attention_cnn.params import ModelParams, parse_params
@@ -69,7 +69,7 @@ def workspace(tmp_path_factory):
 
 
 PARAMS = parse_params({"img_size": S, "evaluate": {"batch_size": 5, "faithfulness_images": 9,
-                                                    "faithfulness_steps": 4},
+                                                    "faithfulness_steps": 4, "sanity_images": 3, "figures": 2},
                        "visualize": {"num_images": 4, "per_class": 2}})
 
 
@@ -86,11 +86,30 @@ def test_evaluate_writes_metrics_confusion_and_gallery(workspace, evaluated):
     assert metrics["macro_f1"] == pytest.approx(evaluated.report.macro_f1)
     # The headline only, so `dvc metrics show` fits a terminal: per-class numbers live in per_class.json.
     assert set(metrics) == {"accuracy", "guess", "macro_f1", "loss", "top2_accuracy", "ece", "best_epoch"}
-    for method in ("attention", "gradcam", "random"):
-        scores = json.loads((workspace / f"metrics/evaluate/{method}.json").read_text())
-        assert set(scores) == {"deletion_auc", "insertion_auc", "pointing_game"}
-        assert all(0 <= value <= 1 for value in scores.values()), method
-        assert scores["deletion_auc"] == evaluated.map_quality[method].deletion_auc
+    methods = ["mask", "attended", "gradcam", "ig", "smoothgrad", "occlusion", "random", "edge"]
+    for method in methods:
+        scores = json.loads((workspace / f"metrics/maps/{method}.json").read_text())
+        assert set(scores) == {"del", "ins", "road", "pg", "mass", "mprt"}, method
+        assert all(0 <= scores[k] <= 1 for k in ("del", "ins", "pg", "mass")), method
+        assert -0.5 <= scores["road"] <= 0.5 and -1 <= scores["mprt"] <= 1
+        full = evaluated.explained["methods"][method]
+        assert scores["del"] == round(full["del"]["mean"], 3)
+        assert full["del"]["low"] <= full["del"]["mean"] <= full["del"]["high"]
+        half = json.loads((workspace / f"metrics/ci/{method}.json").read_text())
+        assert half["del"] == round((full["del"]["high"] - full["del"]["low"]) / 2, 3)
+    assert list(evaluated.explained["methods"]) == methods
+    paired = json.loads((workspace / "metrics/ci/paired.json").read_text())
+    assert set(paired) == {"del", "ins", "road", "pg", "mass"} and all(0 < p <= 1 for p in paired.values())
+    assert json.loads((workspace / "metrics/maps/edge.json").read_text())["mprt"] == 1.0  # model-free: fails
+    for order in ("morf", "lerf"):
+        records = json.loads((workspace / f"output/evaluate/road_{order}.json").read_text())
+        assert len(records) == 9 * len(methods) and {r["method"] for r in records} == set(methods)
+    sanity = json.loads((workspace / "output/evaluate/sanity.json").read_text())
+    assert {r["layers"] for r in sanity} == set(range(len(evaluated.explained["sanity_layers"]) + 1))
+    figures = sorted(p.name for p in (workspace / "output/evaluate/maps").iterdir())
+    assert figures == ["01_img_0.png", "02_img_1.png"]
+    with Image.open(workspace / "output/evaluate/maps/01_img_0.png") as figure:
+        assert figure.size[0] > 9 * 1.4 * DPI  # the input and eight maps side by side
 
     per_class = json.loads((workspace / "output/evaluate/per_class.json").read_text())
     assert len(per_class) == 3 * len(CLASSES)
@@ -106,11 +125,12 @@ def test_evaluate_writes_metrics_confusion_and_gallery(workspace, evaluated):
     with Image.open(workspace / "output/evaluate/misclassified.png") as gallery:
         assert gallery.size[0] > 100 and gallery.size[1] > 50
     # Only the declared outputs: no temp folders left next to them.
-    assert sorted(p.name for p in (workspace / "metrics").iterdir()) == ["evaluate"]
-    assert sorted(p.name for p in (workspace / "metrics/evaluate").iterdir()) == [
-        "attention.json", "gradcam.json", "metrics.json", "random.json"]
+    assert sorted(p.name for p in (workspace / "metrics").iterdir()) == ["ci", "evaluate", "maps"]
+    assert sorted(p.name for p in (workspace / "metrics/evaluate").iterdir()) == ["metrics.json"]
+    assert sorted(p.name for p in (workspace / "metrics/maps").iterdir()) == sorted(f"{m}.json" for m in methods)
     assert sorted(p.name for p in (workspace / "output/evaluate").iterdir()) == [
-        "confusion.json", "misclassified.png", "per_class.json"]
+        "confusion.json", "explain.json", "maps", "misclassified.png", "per_class.json", "road_lerf.json",
+        "road_morf.json", "sanity.json"]
 
 
 def test_evaluate_is_deterministic(workspace, evaluated):
@@ -119,11 +139,15 @@ def test_evaluate_is_deterministic(workspace, evaluated):
 
 
 def test_a_model_without_attention_reports_no_attention_metrics(workspace):
-    result = evaluate(PARAMS, workspace / "prepared", workspace / "model_none.pt", workspace / "metrics_none",
+    params = parse_params({"img_size": S, "evaluate": {"batch_size": 5, "faithfulness_images": 6,
+                                                        "faithfulness_steps": 2, "sanity_images": 0, "figures": 0,
+                                                        "methods": ["mask", "gradcam", "random"]}})
+    result = evaluate(params, workspace / "prepared", workspace / "model_none.pt", workspace / "none/evaluate",
                       workspace / "output_none")
-    written = sorted(p.name for p in (workspace / "metrics_none").iterdir())
-    assert written == ["gradcam.json", "metrics.json", "random.json"]
-    assert set(result.map_quality) == {"gradcam", "random"}
+    written = sorted(p.name for p in (workspace / "none/maps").iterdir())
+    assert written == ["gradcam.json", "random.json"]
+    assert set(result.explained["methods"]) == {"gradcam", "random"}
+    assert not (workspace / "none/ci/paired.json").exists()  # no mask to compare with Grad-CAM
 
 
 def test_the_best_epoch_comes_from_the_model_file(workspace, tmp_path):
@@ -141,16 +165,17 @@ def test_batched_logits_equal_one_batch_with_a_short_last_batch(workspace):
     assert a.loss == pytest.approx(F.cross_entropy(whole, split.labels).item(), rel=1e-5)
 
 
-def test_the_learned_attention_beats_random_on_a_trained_model(workspace):
+def test_gradcam_beats_random_and_edges_on_a_trained_model(workspace):
     """The tiny model learned coloured squares; Grad-CAM on it must point at them more often than noise."""
     model = load_model(workspace / "model_conv.pt").model
     split = make_split(seed=1)
-    quality = attention_quality(model, split.images, split.masks, [AttentionMap(), GradCAM(), RandomMap(0)],
-                                steps=4, batch_size=128)
-    assert set(quality) == {"attention", "gradcam", "random"}
-    assert quality["gradcam"].pointing_game > quality["random"].pointing_game
-    assert quality["gradcam"].deletion_auc < quality["random"].deletion_auc
-    assert saliency_methods(model, 0)[0].name == "attention"
+    methods = build_methods(["gradcam", "random", "edge"], model, seed=0, batch_size=128)
+    scored = score_methods(model, images_to_float(split.images), split.masks, methods, steps=4, batch_size=128,
+                           seed=0, sanity_images=0)
+    gradcam, random = scored.methods["gradcam"].scores, scored.methods["random"].scores
+    assert gradcam["pg"].mean() > random["pg"].mean()
+    assert gradcam["mass"].mean() > random["mass"].mean()
+    assert gradcam["del"].mean() < random["del"].mean()
 
 
 def test_stale_model_is_refused(workspace, tmp_path):

@@ -6,8 +6,9 @@ import math
 import pytest
 import torch
 
-from attention_cnn.faithfulness import (blur, curve_auc, deletion_fill, deletion_insertion, perturbation,
-                                        pointing_game, pointing_tolerance)
+from attention_cnn.explain.metrics.deletion_insertion import (blur, curve_auc, deletion_fill, deletion_insertion,
+                                                              perturbation)
+from attention_cnn.explain.metrics.pointing import pointing_game, pointing_tolerance
 from attention_cnn.metrics import classification_report, confusion_matrix, expected_calibration_error
 from attention_cnn.model import AttentionCNN
 from attention_cnn.params import ModelParams

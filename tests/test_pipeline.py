@@ -51,12 +51,13 @@ def test_metrics_show_fits_160_columns(repo):
     table = subprocess.run(["dvc", "metrics", "show"], cwd=repo, env=env, capture_output=True, text=True).stdout
     lines = table.splitlines()
     assert max(len(line.rstrip()) for line in lines) <= 160, table
-    # One row per file: the headline, then one per saliency method sharing the three score columns.
-    assert [line.split()[0] for line in lines] == ["Path", "metrics/evaluate/metrics.json",
-                                                   "metrics/evaluate/attention.json", "metrics/evaluate/gradcam.json",
-                                                   "metrics/evaluate/random.json"]
-    assert lines[0].split()[1:] == ["accuracy", "best_epoch", "deletion_auc", "ece", "guess", "insertion_auc",
-                                    "loss", "macro_f1", "pointing_game", "top2_accuracy"]
+    # One row per file: the headline, then per explanation method its means and its interval half-widths, sharing
+    # six score columns, then the mask-vs-Grad-CAM p-values.
+    rows = ["metrics/evaluate/metrics.json"]
+    for method in ("mask", "attended", "gradcam", "ig", "smoothgrad", "occlusion", "random", "edge"):
+        rows += [f"metrics/maps/{method}.json", f"metrics/ci/{method}.json"]
+    assert [line.split()[0] for line in lines] == ["Path", *rows, "metrics/ci/paired.json"]
+    assert set(lines[0].split()[1:]) >= {"accuracy", "guess", "best_epoch", "del", "ins", "road", "pg", "mass", "mprt"}
 
 
 # Writes, once the page has loaded, how many of its images decoded into the DOM that --dump-dom prints.
@@ -77,7 +78,8 @@ def test_plots_page_draws_every_chart_and_image_with_no_network(repo):
     assert not re.search(r"<script[^>]*\ssrc\s*=", html) and "cdn.jsdelivr" not in html  # everything inlined
     charts = html.count("vegaEmbed('#")
     images = html.count('<img src="static/')
-    assert charts == 6 and images == 10  # 4 curves, confusion, per-class; gallery, 3 figures, 6 class grids
+    # 4 curves, confusion, per-class, ROAD MoRF and LeRF, sanity; gallery, 6 method figures, 3 figures, 6 grids
+    assert charts == 9 and images == 16
     probe = page.with_name("probe.html")
     end = html.rindex("</body>")  # the last one: the inlined libraries contain the string too
     probe.write_text(html[:end] + IMAGE_PROBE + html[end:])

@@ -1,18 +1,21 @@
-"""The evaluate stage: score the trained model on the test split, and measure its attention, not just draw it.
+"""The evaluate stage: score the trained model on the test split, and measure its explanations, not just draw them.
 
-Writes what `dvc metrics show` lists, few numbers so that its table fits a terminal:
+Writes what `dvc metrics show` lists, few columns so that its table fits 160 characters:
 - `metrics_dir/metrics.json`: the headline classification numbers (metrics.py) and the best epoch (stored in
   the model file, so evaluate depends on nothing that changes when a retrain gives the same model);
-- `metrics_dir/<method>.json`, one per saliency method (maps.py: `attention`, the learned mask; `gradcam` on the
-  same layer; `random`): deletion/insertion AUC and the pointing game against the ground-truth masks when the
-  split has them (faithfulness.py). One file per method puts the methods in rows that share three columns.
+- beside it, `maps/<method>.json` (one row per explanation method: six short score keys, the same in every
+  file) and `ci/<method>.json` (their 95 % bootstrap half-widths) plus `ci/paired.json` (the learned mask
+  against Grad-CAM): see explain/report.py for what each key means;
 and what `dvc plots show` draws:
 - `output_dir/per_class.json`: precision, recall, F1 and support of each class (`dvc plots diff` compares them);
 - `output_dir/confusion.json`: one {"actual", "predicted"} record per test image, for the confusion template;
-- `output_dir/misclassified.png`: the most confident mistakes, each titled true / predicted / confidence.
+- `output_dir/misclassified.png`: the most confident mistakes, each titled true / predicted / confidence;
+- `output_dir/road_morf.json`, `road_lerf.json`, `sanity.json`: the ROAD curves and the sanity check, one line
+  per method; `output_dir/maps/NN_<image>.png`: the input and every method's map, one figure per image;
+- `output_dir/explain.json`: every score with both interval ends (`python tools/attention_table.py` prints it).
 
 The test split is only reported on; model selection happened on val in the train stage.
-Both folders are built in temp dirs and swapped in at the end, so a failed run leaves the old ones intact.
+Every folder is built in a temp dir and swapped in at the end, so a failed run leaves the old ones intact.
 """
 
 from __future__ import annotations
@@ -26,99 +29,53 @@ from tqdm import tqdm
 
 from attention_cnn.atomic import Owned, atomic_dir, check_output_dir
 from attention_cnn.data.prepared import load_split
-from attention_cnn.faithfulness import (ScoreFn, deletion_fill, deletion_insertion, perturbation, pointing_game,
-                                        pointing_tolerance)
-from attention_cnn.figures import draw_gallery, prediction_label
+from attention_cnn.errors import UserError
+from attention_cnn.explain.figures import MethodFigure
+from attention_cnn.explain.metrics.road import FRACTIONS
+from attention_cnn.explain.report import metric_files, road_records, sanity_records, summarize
+from attention_cnn.explain.scoring import Scored, build_methods, score_methods
+from attention_cnn.figures import draw_gallery, prediction_label, safe_name
 from attention_cnn.inference import (check_model_matches, images_to_float, load_for_inference, model_device,
                                      predict_logits, spread_over_classes)
-from attention_cnn.maps import AttentionMap, GradCAM, RandomMap, SaliencyMap
 from attention_cnn.metrics import ClassificationReport, chance_level, classification_report
-from attention_cnn.model import AttentionCNN, autocast
 from attention_cnn.params import Params
 
 GALLERY_SIZE = 24
 # What evaluate writes into --metrics-dir and --out; a folder holding anything else is refused, not replaced.
 METRICS_FILES = Owned(patterns=("*.json",), sign="metrics.json")
-PLOT_FILES = Owned(patterns=("*.json", "*.png"), sign="confusion.json")
-
-
-@dataclass(frozen=True)
-class MapQuality:
-    deletion_auc: float           # lower is better
-    insertion_auc: float          # higher is better
-    pointing_game: float | None   # hit rate in [0, 1]; None without ground-truth masks
+PLOT_FILES = Owned(patterns=("*.json", "*.png"), sign="confusion.json")  # "*" spans "/": maps/NN_*.png too
+SCORE_FILES = Owned(patterns=("*.json",))  # metrics/maps and metrics/ci
 
 
 @dataclass(frozen=True)
 class EvaluateResult:
     report: ClassificationReport
-    map_quality: dict[str, MapQuality]  # by method name: attention, gradcam, random
-    metrics: dict[str, float]           # every number, flat: report.as_metrics() and method/score
+    explained: dict                     # output/evaluate/explain.json: every score with its interval
+    metrics: dict[str, float]           # every number, flat: report.as_metrics() and maps/<method>/<score>
     headline: dict[str, float]          # what metrics_dir/metrics.json holds
 
 
-def class_probabilities(model: AttentionCNN) -> ScoreFn:
-    """The score function deletion/insertion call: float images in [0, 1] -> softmax probabilities."""
-    device = model_device(model)
-
-    def score(images: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode(), autocast(device):
-            return model(images.to(device)).logits.float().softmax(dim=1)
-
-    return score
+def explain_subset(model, images: torch.Tensor, masks: torch.Tensor | None, params: Params) -> Scored:
+    """Every method in evaluate.methods, every score, on uint8 `images` (N, 3, S, S) (see explain/scoring.py)."""
+    cfg = params.evaluate
+    methods = build_methods(cfg.methods, model, params.seed, cfg.batch_size)
+    x = images_to_float(images, model_device(model))                    # (N, 3, S, S)
+    return score_methods(model, x, masks, methods, cfg.faithfulness_steps, cfg.batch_size, params.seed,
+                         cfg.sanity_images)
 
 
-def saliency_methods(model: AttentionCNN, seed: int) -> list[SaliencyMap]:
-    """The maps to compare. A model without attention (model.attention=none) has a constant mask, which ranks
-    nothing, so its `attention/*` metrics are left out rather than reported as if they meant something."""
-    methods: list[SaliencyMap] = [GradCAM(), RandomMap(seed)]
-    if model.learns_mask:
-        methods.insert(0, AttentionMap())
-    return methods
-
-
-def compute_maps(method: SaliencyMap, model: AttentionCNN, images: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """(N, 3, S, S) float images on the model's device -> (N, S, S) maps in [0, 1], batch by batch."""
-    device = model_device(model)
-    with autocast(device):
-        return torch.cat([method(model, images[lo:lo + batch_size]).float()
-                          for lo in range(0, images.shape[0], batch_size)])
-
-
-def attention_quality(model: AttentionCNN, images: torch.Tensor, masks: torch.Tensor | None,
-                      methods: list[SaliencyMap], steps: int, batch_size: int) -> dict[str, MapQuality]:
-    """Deletion/insertion AUC (and the pointing game when `masks` (N, S, S) exist) of each method's maps on
-    uint8 `images` (N, 3, S, S), explaining the class the model predicts."""
-    device = model_device(model)
-    x = images_to_float(images, device)                                   # (N, 3, S, S)
-    score = class_probabilities(model)
-    targets = torch.cat([score(x[lo:lo + batch_size]).argmax(dim=1) for lo in range(0, x.shape[0], batch_size)])
-    setup = perturbation(score, x, targets, batch_size, fill=deletion_fill(x, model.mean))
-    quality = {}
-    for method in tqdm(methods, desc="attention quality", unit="map", leave=False):
-        saliency = compute_maps(method, model, x, batch_size)            # (N, S, S)
-        curves = deletion_insertion(score, setup, saliency, steps, batch_size)
-        pointing = None
-        if masks is not None:
-            hits = pointing_game(saliency.cpu(), masks, pointing_tolerance(images.shape[-1]))
-            pointing = float(hits.nanmean()) if not hits.isnan().all() else None
-        quality[method.name] = MapQuality(deletion_auc=float(curves.deletion_auc.mean()),
-                                          insertion_auc=float(curves.insertion_auc.mean()), pointing_game=pointing)
-    return quality
-
-
-def quality_metrics(quality: dict[str, MapQuality]) -> dict[str, float]:
-    return {f"{name}/{key}": value for name, scores in quality_files(quality).items() for key, value in scores.items()}
-
-
-def quality_files(quality: dict[str, MapQuality]) -> dict[str, dict[str, float]]:
-    """{method: {score: value}}, the content of metrics_dir/<method>.json."""
-    files = {}
-    for name, q in quality.items():
-        files[name] = {"deletion_auc": q.deletion_auc, "insertion_auc": q.insertion_auc}
-        if q.pointing_game is not None:
-            files[name]["pointing_game"] = q.pointing_game
-    return files
+def write_method_figures(folder: Path, scored: Scored, images: torch.Tensor, files: list[str], labels: torch.Tensor,
+                         classes: list[str], count: int) -> None:
+    """The first `count` images (spread over the classes): input and every method's map, one PNG each."""
+    if not scored.methods or count == 0:
+        return
+    folder.mkdir()
+    figure = MethodFigure(list(scored.methods))
+    for i in range(min(count, images.shape[0])):
+        target = int(scored.targets[i])
+        title = f"true: {classes[int(labels[i])]} | maps explain: {classes[target]}"
+        figure.draw(images[i], [r.maps[i] for r in scored.methods.values()], title,
+                    folder / f"{i + 1:02d}_{safe_name(Path(files[i]).stem)}.png")
 
 
 def headline_metrics(report: ClassificationReport, best_epoch: int | None) -> dict[str, float]:
@@ -176,16 +133,29 @@ def evaluate(params: Params, prepared_dir: Path | str, model_path: Path | str, m
 
     subset = spread_over_classes(test.labels, cfg.faithfulness_images)   # balanced and deterministic
     masks = test.masks[subset] if test.masks is not None else None
-    quality = attention_quality(model, test.images[subset], masks, saliency_methods(model, params.seed),
-                                cfg.faithfulness_steps, cfg.batch_size)
+    scored = explain_subset(model, test.images[subset], masks, params)
+    explained = summarize(scored, params.seed)
     headline = headline_metrics(report, trained.best_epoch)
+    metrics_dir = Path(metrics_dir)
+    score_dirs = {"maps": metrics_dir.with_name("maps"), "ci": metrics_dir.with_name("ci")}
 
-    with atomic_dir(metrics_dir, METRICS_FILES) as metrics_tmp, atomic_dir(out_dir, PLOT_FILES) as out_tmp:
+    with atomic_dir(metrics_dir, METRICS_FILES) as metrics_tmp, atomic_dir(out_dir, PLOT_FILES) as out_tmp, \
+            atomic_dir(score_dirs["maps"], SCORE_FILES) as maps_tmp, \
+            atomic_dir(score_dirs["ci"], SCORE_FILES) as ci_tmp:
         write_json(metrics_tmp / "metrics.json", headline)
-        for name, scores in quality_files(quality).items():
-            write_json(metrics_tmp / f"{name}.json", scores)
+        for relative, content in metric_files(explained).items():
+            folder, name = relative.split("/")
+            write_json({"maps": maps_tmp, "ci": ci_tmp}[folder] / name, content)
         write_json(out_tmp / "per_class.json", per_class_records(report))
         write_json(out_tmp / "confusion.json", confusion_records(test.labels, report.predictions, test.classes))
         write_misclassified(out_tmp / "misclassified.png", test.images, test.labels, report, test.classes)
-    every = {**report.as_metrics(), **quality_metrics(quality)}
-    return EvaluateResult(report=report, map_quality=quality, metrics=every, headline=headline)
+        write_json(out_tmp / "explain.json", explained)
+        for order, records in road_records(scored, FRACTIONS).items():
+            write_json(out_tmp / f"road_{order}.json", records)
+        write_json(out_tmp / "sanity.json", sanity_records(scored))
+        write_method_figures(out_tmp / "maps", scored, test.images[subset], [test.files[i] for i in subset],
+                             test.labels[subset], test.classes, cfg.figures)
+    maps = {f"maps/{path[5:-5]}/{key}": value for path, content in metric_files(explained).items()
+            if path.startswith("maps/") for key, value in content.items()}
+    every = {**report.as_metrics(), **maps}
+    return EvaluateResult(report=report, explained=explained, metrics=every, headline=headline)

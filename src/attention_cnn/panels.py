@@ -31,7 +31,7 @@ from matplotlib.figure import Figure
 from attention_cnn.errors import UserError
 from attention_cnn.figures import DPI, image_array
 from attention_cnn.inference import forward_batches
-from attention_cnn.maps import scale_unit, upsample
+from attention_cnn.explain.base import scale_unit, upsample
 from attention_cnn.model import AttentionCNN
 
 PANEL_TITLES = ("input", "before the mask", "attention mask", "after the mask")

@@ -23,6 +23,8 @@ LR_SCHEDULES = ("cosine", "step", "constant")
 HEADS = ("gmp", "gap", "flatten")
 FLIPS = ("horizontal", "both", "none")
 DEVICES = ("auto", "cpu", "cuda")
+# The explanation methods evaluate.methods may name (explain/scoring.py builds them, in this order).
+EXPLAIN_METHODS = ("mask", "attended", "gradcam", "ig", "smoothgrad", "occlusion", "random", "edge")
 
 
 class ParamsError(UserError):
@@ -39,6 +41,10 @@ def _float(lo: float | None = None, hi: float | None = None, lo_open: bool = Fal
 
 def _choice(*choices: str) -> dict:
     return {"kind": str, "choices": choices}
+
+
+def _subset(*choices: str) -> dict:
+    return {"kind": list, "choices": choices}
 
 
 def _str() -> dict:
@@ -121,6 +127,9 @@ class EvaluateParams:
     batch_size: int = field(default=256, metadata=_int(1, 65_536))
     faithfulness_images: int = field(default=60, metadata=_int(1, 100_000))
     faithfulness_steps: int = field(default=16, metadata=_int(2, 1024))
+    methods: tuple[str, ...] = field(default=EXPLAIN_METHODS, metadata=_subset(*EXPLAIN_METHODS))
+    sanity_images: int = field(default=12, metadata=_int(0, 100_000))  # 0 skips the randomisation check
+    figures: int = field(default=12, metadata=_int(0, 1000))            # images drawn with every method's map
 
 
 @dataclass(frozen=True)
@@ -161,6 +170,8 @@ def training_params(params: Params) -> dict:
 
 def _describe(spec: dict) -> str:
     kind = spec["kind"]
+    if kind is list:
+        return "a non-empty list of distinct names out of " + ", ".join(spec["choices"])
     if spec.get("endpoint"):
         return "host:port of the first machine (e.g. 10.0.0.1:29500), or \"\" when train.nnodes is 1"
     if "choices" in spec:
@@ -187,6 +198,13 @@ def _check_value(key: str, value: Any, spec: dict) -> Any:
     wanted = _describe(spec)
     if spec.get("auto") and value == "auto":
         return value
+    if kind is list:
+        ok = (isinstance(value, list) and len(value) > 0 and len(set(map(str, value))) == len(value)
+              and all(isinstance(v, str) and v in spec["choices"] for v in value))
+        if not ok:
+            raise ParamsError(f"params.yaml: '{key}' must be {wanted}, got {value!r}. Fix it in params.yaml "
+                              f"or pass a valid value with `dvc exp run -S '{key}=[...]'`.")
+        return tuple(value)
     if kind is bool:
         ok = isinstance(value, bool)
     elif kind is int:

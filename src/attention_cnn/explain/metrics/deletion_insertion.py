@@ -1,4 +1,4 @@
-"""Attention quality: does a saliency map point at what the model (and the ground truth) says matters?
+"""Deletion and insertion: does changing the pixels a map ranks first change the model's score fastest?
 
 Deletion and insertion (Petsiuk, Das & Saenko, "RISE", BMVC 2018): pixels are ranked by saliency, most salient
 first, and changed in that order in `steps` equal steps.
@@ -13,14 +13,8 @@ first, and changed in that order in `steps` equal steps.
 The score is the softmax probability of the class the model predicts on the intact image (the map explains
 the model's decision, right or wrong). AUC = trapezoid rule over the fraction of pixels changed, in [0, 1].
 
-Pointing game (Zhang et al., "Top-down Neural Attention by Excitation Backprop", ECCV 2016): a hit when the
-map's maximum lies within 15 px (Euclidean, a disk) of the ground-truth evidence mask at 224 px, the radius
-scaled to the image size (`pointing_tolerance`). A disk, not a square: a square reaches 41 % further along the
-diagonals and doubles the random baseline's score. Ties for
-the maximum (e.g. a constant map) score the share of tied pixels inside the mask, the expected hit under random
-tie-breaking, so a flat map cannot score by luck of raster order.
-
-Everything is batched on tensors; maps are (B, S, S) at image resolution (see maps.py).
+Everything is batched on tensors; maps are (B, S, S) at image resolution (see explain/base.py).
+ROAD (road.py) scores the same rankings with an imputation that does not leak the removed region's outline.
 """
 
 from __future__ import annotations
@@ -150,37 +144,3 @@ def deletion_insertion(score_fn: ScoreFn, setup: Perturbation, saliency: torch.T
     insertion = torch.cat([setup.start_score[None], inserting, setup.intact_score[None]])
     return FaithfulnessResult(deletion_auc=curve_auc(deletion), insertion_auc=curve_auc(insertion),
                               deletion_curve=deletion, insertion_curve=insertion)
-
-
-POINTING_RADIUS_AT_224 = 15  # px, Zhang et al. 2016
-
-
-def pointing_tolerance(img_size: int) -> float:
-    """Radius in pixels within which a map's maximum may miss the mask and still hit: 15 px at 224 px."""
-    return POINTING_RADIUS_AT_224 * img_size / 224
-
-
-def grow_by_disk(evidence: torch.Tensor, radius: float) -> torch.Tensor:
-    """(B, S, S) bool -> (B, S, S) bool: every pixel within Euclidean distance `radius` of an evidence pixel."""
-    reach = math.floor(radius)
-    if reach < 1:
-        return evidence
-    offsets = torch.arange(-reach, reach + 1, dtype=torch.float32)
-    disk = (offsets[:, None] ** 2 + offsets[None] ** 2 <= radius ** 2).float()     # (2r+1, 2r+1)
-    counts = F.conv2d(evidence.float()[:, None], disk[None, None].to(evidence.device), padding=reach)
-    return counts[:, 0] > 0
-
-
-def pointing_game(saliency: torch.Tensor, masks: torch.Tensor, tolerance: float) -> torch.Tensor:
-    """(B,) hit score in [0, 1] per image: 1 when the maximum of saliency (B, S, S) lies in masks (B, S, S)
-    (nonzero = evidence) grown by a disk of radius `tolerance` px; the in-mask share of tied maxima when there
-    are ties. Images whose mask is empty get NaN (there is nothing to point at); average with nanmean.
-    """
-    if saliency.shape != masks.shape:
-        raise ValueError(f"saliency {tuple(saliency.shape)} and masks {tuple(masks.shape)} differ")
-    evidence = grow_by_disk(masks > 0, tolerance)                    # (B, S, S)
-    flat = saliency.flatten(1)
-    is_max = flat == flat.amax(dim=1, keepdim=True)                  # (B, S*S)
-    hits = (is_max & evidence.flatten(1)).sum(1).float() / is_max.sum(1).float()
-    empty = (masks.flatten(1) > 0).sum(1) == 0
-    return torch.where(empty, torch.full_like(hits, float("nan")), hits)

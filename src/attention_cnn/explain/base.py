@@ -1,0 +1,66 @@
+"""What every explanation method shares: scaling to the image, and running gradients inside evaluation.
+
+Shaped after pytorch-grad-cam's `BaseCAM`: a method overrides one function, `raw(model, images, targets)`, which
+returns a (B, h, w) map on any grid and scale, larger = more important. Calling the method upsamples that map
+bilinearly to the image and min-max scales each image's map to [0, 1], so every score and figure sees the same
+kind of map and never asks which method made it. `targets` (B,) is the class each map explains: evaluation
+passes the class the model predicts on the intact image.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterator
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def upsample(maps: torch.Tensor, size: int) -> torch.Tensor:
+    """(B, h, w) -> (B, size, size), bilinear; a map already at that size is returned as float."""
+    if maps.shape[-2:] == (size, size):
+        return maps.float()
+    return F.interpolate(maps[:, None].float(), size=(size, size), mode="bilinear", align_corners=False)[:, 0]
+
+
+def scale_unit(maps: torch.Tensor) -> torch.Tensor:
+    """Min-max scale each (B, ...) map to [0, 1]. A constant map carries no ranking and becomes all zeros."""
+    flat = maps.flatten(1)
+    lo, hi = flat.amin(dim=1, keepdim=True), flat.amax(dim=1, keepdim=True)
+    span = hi - lo
+    scaled = torch.where(span > 0, (flat - lo) / span.clamp_min(1e-12), torch.zeros_like(flat))
+    return scaled.view_as(maps)
+
+
+@contextlib.contextmanager
+def gradients_on() -> Iterator[None]:
+    """Evaluation runs under inference mode; gradient methods need a graph. Hooks that Captum registers inside are
+    released by Captum itself (in `finally`), so a failing forward leaves none behind (tested)."""
+    with torch.inference_mode(False), torch.enable_grad():
+        yield
+
+
+def logits_of(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The forward function Captum calls: images -> (B, K) logits (our model returns a named tuple)."""
+    return lambda images: model(images).logits
+
+
+def plain(images: torch.Tensor) -> torch.Tensor:
+    """A copy that autograd may use: tensors made under inference mode cannot enter a graph."""
+    with torch.inference_mode(False):
+        return images.detach().clone()
+
+
+class Explainer:
+    """Base class: `method(model, images, targets)` with images (B, 3, S, S) in [0, 1] -> (B, S, S) in [0, 1]."""
+
+    name = "explainer"
+    uses_model = True  # False for baselines that never look at the model (the sanity check expects them to fail)
+
+    def raw(self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """(B, h, w) map on any grid, any scale; larger = more important."""
+        raise NotImplementedError
+
+    def __call__(self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return scale_unit(upsample(self.raw(model, images, targets).detach(), images.shape[-1]))

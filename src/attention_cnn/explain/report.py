@@ -1,0 +1,115 @@
+"""What a person reads: the metrics files `dvc metrics show` lists, the plot data, and the README's table.
+
+`dvc metrics show` makes one column of every key of every file it lists, shared by all rows, and must fit 160
+columns beside the headline's seven. So each method's file holds six short keys, the same in every file:
+    del   deletion AUC (mean fill), lower is better      ins   insertion AUC (from blur), higher is better
+    road  ROAD, mean of (LeRF - MoRF) / 2, higher        pg    pointing game hit rate, higher
+    mass  relevance mass accuracy, higher                mprt  sanity check: Spearman correlation with the
+                                                               intact model's maps once every layer is
+                                                               randomised, lower is better (a pass is near 0)
+and the uncertainty comes in extra ROWS that share those columns, not in more columns:
+    metrics/maps/<method>.json   the means over images          (rounded to 3 decimals: the intervals are wider)
+    metrics/ci/<method>.json     the 95 % bootstrap interval's half-width, (high - low) / 2
+    metrics/ci/paired.json       p-values of the learned mask against Grad-CAM, paired bootstrap, per score
+Everything at full precision, with both interval ends, is in output/evaluate/explain.json, which
+`python tools/attention_table.py` prints as the README's markdown table.
+"""
+
+from __future__ import annotations
+
+import math
+
+from attention_cnn.explain.scoring import SCORES, Scored
+from attention_cnn.explain.statistics import Interval, bootstrap_ci, paired_p_value
+
+FILE_KEYS = ("del", "ins", "road", "pg", "mass")  # + "mprt"
+PAIRED = ("mask", "gradcam")
+DECIMALS = 3
+
+
+def summarize(scored: Scored, seed: int) -> dict:
+    """The content of output/evaluate/explain.json: per method and score {mean, low, high}, `mprt`, the paired
+    test of PAIRED, and the sanity-check layers."""
+    methods = {}
+    for name, result in scored.methods.items():
+        entry = {}
+        for key in SCORES:
+            interval = bootstrap_ci(result.scores[key], seed=seed)
+            if not math.isnan(interval.mean):
+                entry[key] = {"mean": interval.mean, "low": interval.low, "high": interval.high}
+        if scored.cascade is not None:
+            entry["mprt"] = scored.cascade.correlation[name][-1]
+        methods[name] = entry
+    summary = {"methods": methods, "images": int(scored.targets.numel())}
+    a, b = PAIRED
+    if a in scored.methods and b in scored.methods:
+        paired = {}
+        for key in SCORES:
+            diff = scored.methods[a].scores[key] - scored.methods[b].scores[key]
+            p = paired_p_value(scored.methods[a].scores[key], scored.methods[b].scores[key], seed=seed)
+            if not math.isnan(p):
+                paired[key] = {"difference": float(diff[~diff.isnan()].double().mean()), "p": p}
+        summary["paired"] = {"methods": list(PAIRED), "scores": paired}
+    if scored.cascade is not None:
+        summary["sanity_layers"] = scored.cascade.layers
+    return summary
+
+
+def metric_files(summary: dict) -> dict[str, dict[str, float]]:
+    """{relative path under metrics/: content}: maps/<method>.json, ci/<method>.json, ci/paired.json."""
+    files = {}
+    for name, entry in summary["methods"].items():
+        means = {k: round(entry[k]["mean"], DECIMALS) for k in FILE_KEYS if k in entry}
+        if "mprt" in entry:
+            means["mprt"] = round(entry["mprt"], DECIMALS)
+        files[f"maps/{name}.json"] = means
+        files[f"ci/{name}.json"] = {k: round(Interval(**entry[k]).half_width, DECIMALS)
+                                    for k in FILE_KEYS if k in entry}
+    if "paired" in summary:
+        files["ci/paired.json"] = {k: round(v["p"], DECIMALS) for k, v in summary["paired"]["scores"].items()
+                                   if k in FILE_KEYS}
+    return files
+
+
+def road_records(scored: Scored, fractions: tuple[float, ...]) -> dict[str, list[dict]]:
+    """Plot data: {"morf": [...], "lerf": [...]}, one {"method", "removed", "probability"} record per point."""
+    return {order: [{"method": name, "removed": f, "probability": float(getattr(r, order)[i])}
+                    for name, r in scored.methods.items() for i, f in enumerate(fractions)]
+            for order in ("morf", "lerf")}
+
+
+def sanity_records(scored: Scored) -> list[dict]:
+    """Plot data: one {"method", "layers", "layer", "spearman"} record per method and cascade step."""
+    cascade = scored.cascade
+    if cascade is None:
+        return []
+    names = ["none", *cascade.layers]
+    return [{"method": method, "layers": step, "layer": names[step], "spearman": value}
+            for method, values in cascade.correlation.items() for step, value in enumerate(values)]
+
+
+HEADERS = {"del": "deletion AUC ↓", "ins": "insertion AUC ↑", "morf": "ROAD MoRF ↓", "lerf": "ROAD LeRF ↑",
+           "road": "ROAD ↑", "pg": "pointing game ↑", "mass": "relevance mass ↑"}
+
+
+def markdown_table(summary: dict) -> str:
+    """The methods x scores table, each cell `mean [low, high]` (95 % bootstrap interval over images)."""
+    keys = [k for k in SCORES if any(k in e for e in summary["methods"].values())]
+    has_mprt = any("mprt" in e for e in summary["methods"].values())
+    head = ["method", *[HEADERS[k] for k in keys]] + (["sanity ρ ↓"] if has_mprt else [])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, entry in summary["methods"].items():
+        cells = [f"`{name}`"]
+        for k in keys:
+            cells.append(f"{entry[k]['mean']:.3f} [{entry[k]['low']:.3f}, {entry[k]['high']:.3f}]" if k in entry
+                         else "–")
+        if has_mprt:
+            cells.append(f"{entry['mprt']:.2f}" if "mprt" in entry else "–")
+        lines.append("| " + " | ".join(cells) + " |")
+    if "paired" in summary:
+        a, b = summary["paired"]["methods"]
+        tests = ", ".join(f"{HEADERS[k].rstrip(' ↑↓')} {v['difference']:+.3f} "
+                          f"({'p < 0.001' if v['p'] < 0.001 else 'p = ' + format(v['p'], '.3f')})"
+                          for k, v in summary["paired"]["scores"].items())
+        lines += ["", f"`{a}` − `{b}`, paired bootstrap over the same {summary['images']} images: {tests}."]
+    return "\n".join(lines)

@@ -1,0 +1,103 @@
+"""Every method x every score on one set of test images, batched: what the evaluate stage measures.
+
+For each method: its maps of all images (explaining the class the model predicts on the intact image), then
+per image: deletion and insertion AUC (metrics/deletion_insertion.py), ROAD MoRF / LeRF and their summary
+(metrics/road.py), and, where ground-truth masks exist, the pointing game and relevance mass accuracy
+(metrics/pointing.py). Every perturbation step of every image goes through the model in full batches.
+The sanity check (randomization.py) runs on the first `sanity_images` of the same images.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+from attention_cnn.explain.base import Explainer
+from attention_cnn.explain.baselines import EdgeMap, RandomMap
+from attention_cnn.explain.metrics.deletion_insertion import ScoreFn, deletion_fill, deletion_insertion, perturbation
+from attention_cnn.explain.metrics.pointing import pointing_game, pointing_tolerance, relevance_mass
+from attention_cnn.explain.metrics.road import road
+from attention_cnn.explain.methods import (AttendedMap, GradCAM, IntegratedGradientsMap, MaskMap, OcclusionMap,
+                                           SmoothGrad)
+from attention_cnn.explain.randomization import Cascade, cascading_randomization
+from attention_cnn.model import AttentionCNN, autocast
+from attention_cnn.params import EXPLAIN_METHODS
+
+METHODS = EXPLAIN_METHODS  # every method evaluate.methods may name, in the order tables and figures show them
+MASK_METHODS = ("mask", "attended")  # need a model that learns a mask (model.attention != none)
+# Per-image scores (morf and lerf: the ROAD curves' means over the removal fractions); "mprt", the sanity check,
+# is one number per method.
+SCORES = ("del", "ins", "morf", "lerf", "road", "pg", "mass")
+
+
+@dataclass(frozen=True)
+class MethodResult:
+    maps: torch.Tensor                 # (N, S, S) in [0, 1], on the CPU
+    scores: dict[str, torch.Tensor]    # score -> (N,) per image (NaN where undefined)
+    morf: torch.Tensor                 # (fractions,) mean ROAD curve, most relevant first
+    lerf: torch.Tensor                 # (fractions,) least relevant first
+
+
+@dataclass(frozen=True)
+class Scored:
+    methods: dict[str, MethodResult]
+    cascade: Cascade | None
+    targets: torch.Tensor              # (N,) the class each map explains
+
+
+def build_methods(names: list[str] | tuple[str, ...], model: AttentionCNN, seed: int,
+                  batch_size: int) -> list[Explainer]:
+    """The methods to run, in METHODS order; the learned mask's two maps only for a model that has one."""
+    makers = {"mask": MaskMap, "attended": AttendedMap, "gradcam": GradCAM,
+              "ig": lambda: IntegratedGradientsMap(batch_size), "smoothgrad": lambda: SmoothGrad(seed, batch_size),
+              "occlusion": lambda: OcclusionMap(batch_size), "random": lambda: RandomMap(seed), "edge": EdgeMap}
+    return [makers[name]() for name in METHODS
+            if name in names and (model.learns_mask or name not in MASK_METHODS)]
+
+
+def class_probabilities(model: AttentionCNN) -> ScoreFn:
+    """Float images in [0, 1] -> softmax probabilities, under inference mode and the device's autocast."""
+    device = next(model.parameters()).device
+
+    def score(images: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode(), autocast(device):
+            return model(images.to(device)).logits.float().softmax(dim=1)
+
+    return score
+
+
+def method_maps(method: Explainer, model: AttentionCNN, images: torch.Tensor, targets: torch.Tensor,
+                batch_size: int) -> torch.Tensor:
+    """(N, 3, S, S) -> (N, S, S) maps in [0, 1], batch by batch (fp32: attributions need the precision)."""
+    return torch.cat([method(model, images[lo:lo + batch_size], targets[lo:lo + batch_size]).float()
+                      for lo in range(0, images.shape[0], batch_size)])
+
+
+def score_methods(model: AttentionCNN, images: torch.Tensor, masks: torch.Tensor | None, methods: list[Explainer],
+                  steps: int, batch_size: int, seed: int, sanity_images: int) -> Scored:
+    """Per-image scores of each method's maps on float images (N, 3, S, S) in [0, 1] on the model's device;
+    masks (N, S, S) or None."""
+    score = class_probabilities(model)
+    targets = torch.cat([score(images[lo:lo + batch_size]).argmax(dim=1)
+                         for lo in range(0, images.shape[0], batch_size)])
+    setup = perturbation(score, images, targets, batch_size, fill=deletion_fill(images, model.mean))
+    tolerance = pointing_tolerance(images.shape[-1])
+    results = {}
+    for method in tqdm(methods, desc="attention quality", unit="method", leave=False):
+        maps = method_maps(method, model, images, targets, batch_size)  # (N, S, S)
+        curves = deletion_insertion(score, setup, maps, steps, batch_size)
+        removal = road(score, images, targets, maps, batch_size, seed)
+        nan = torch.full((images.shape[0],), float("nan"))
+        scores = {"del": curves.deletion_auc, "ins": curves.insertion_auc, "morf": removal.morf.mean(0),
+                  "lerf": removal.lerf.mean(0), "road": removal.road,
+                  "pg": nan if masks is None else pointing_game(maps.cpu(), masks, tolerance),
+                  "mass": nan if masks is None else relevance_mass(maps.cpu(), masks)}
+        results[method.name] = MethodResult(maps=maps.cpu(), scores=scores, morf=removal.morf.mean(1),
+                                            lerf=removal.lerf.mean(1))
+    cascade = None
+    if sanity_images > 0 and methods:
+        n = min(sanity_images, images.shape[0])
+        cascade = cascading_randomization(model, methods, images[:n], targets[:n], seed)
+    return Scored(methods=results, cascade=cascade, targets=targets.cpu())
