@@ -295,7 +295,7 @@ def test_plots_diff_gives_each_revision_its_own_colour_in_every_chart(built_repo
                 assert spec["encoding"]["color"]["field"] == "line", title
                 assert {"calculate": "datum.rev + ' · ' + datum.series", "as": "line"} in spec["transform"]
             checked += 1
-    assert checked == 6
+    assert checked == 9  # six pipeline charts and the three of the explanations (methods.json)
 
 
 def _layers(spec: dict) -> list[dict]:
