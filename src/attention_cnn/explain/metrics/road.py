@@ -116,6 +116,7 @@ def road(score_fn: ScoreFn, images: torch.Tensor, targets: torch.Tensor, salienc
          seed: int, fractions: tuple[float, ...] = FRACTIONS) -> RoadResult:
     """MoRF and LeRF curves of `saliency` (B, S, S) on images (B, 3, S, S) in [0, 1]. (order, fraction, image)
     triples are imputed IMPUTE_CHUNK at a time and scored in batches of `batch_size`; the noise is seeded."""
+    images = images.contiguous()  # the solver's shifted adds run fastest on plain layout (scoring may pass NHWC)
     num_images, pixels = images.shape[0], images.shape[-1] ** 2
     rank = saliency_rank(saliency.to(images.device))                     # (B, S*S), 0 = most relevant
     counts = torch.tensor([round(f * pixels) for f in fractions], device=images.device)
