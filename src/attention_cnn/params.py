@@ -128,7 +128,7 @@ class EvaluateParams:
     faithfulness_images: int = field(default=60, metadata=_int(1, 100_000))
     faithfulness_steps: int = field(default=16, metadata=_int(2, 1024))
     methods: tuple[str, ...] = field(default=EXPLAIN_METHODS, metadata=_subset(*EXPLAIN_METHODS))
-    sanity_images: int = field(default=12, metadata=_int(0, 100_000))  # 0 skips the randomisation check
+    sanity_images: int = field(default=4, metadata=_int(0, 100_000))  # 0 skips the randomisation check
     figures: int = field(default=12, metadata=_int(0, 1000))            # images drawn with every method's map
 
 

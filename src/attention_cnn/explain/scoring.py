@@ -9,6 +9,7 @@ The sanity check (randomization.py) runs on the first `sanity_images` of the sam
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -68,6 +69,14 @@ def class_probabilities(model: AttentionCNN) -> ScoreFn:
     return score
 
 
+def channels_last(model: AttentionCNN, images: torch.Tensor) -> tuple[AttentionCNN, torch.Tensor]:
+    """A channels_last copy of the model and images: every forward and backward below (tens of thousands of
+    images) runs 1.7x faster on the CPU (measured at 64 px, 256 images: 0.55 s against 0.95 s), same logits to
+    1e-7. A copy, so the caller's model keeps its layout."""
+    fast = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    return fast, images.contiguous(memory_format=torch.channels_last)
+
+
 def method_maps(method: Explainer, model: AttentionCNN, images: torch.Tensor, targets: torch.Tensor,
                 batch_size: int) -> torch.Tensor:
     """(N, 3, S, S) -> (N, S, S) maps in [0, 1], batch by batch (fp32: attributions need the precision)."""
@@ -79,6 +88,7 @@ def score_methods(model: AttentionCNN, images: torch.Tensor, masks: torch.Tensor
                   steps: int, batch_size: int, seed: int, sanity_images: int) -> Scored:
     """Per-image scores of each method's maps on float images (N, 3, S, S) in [0, 1] on the model's device;
     masks (N, S, S) or None."""
+    model, images = channels_last(model, images)
     score = class_probabilities(model)
     targets = torch.cat([score(images[lo:lo + batch_size]).argmax(dim=1)
                          for lo in range(0, images.shape[0], batch_size)])
