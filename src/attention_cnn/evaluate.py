@@ -25,11 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from attention_cnn.atomic import Owned, atomic_dir, check_output_dir
 from attention_cnn.data.prepared import load_split
-from attention_cnn.errors import UserError
 from attention_cnn.explain.figures import MethodFigure
 from attention_cnn.explain.metrics.road import FRACTIONS
 from attention_cnn.explain.report import metric_files, road_records, sanity_records, summarize
