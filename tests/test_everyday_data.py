@@ -275,3 +275,11 @@ def test_a_class_of_two_images_says_no_fraction_can_split_it(tmp_path):
     assert_one_line_error(output, "class 'rare' has only 2 readable images",
                           "no data.val_fraction / data.test_fraction can split them",
                           f"Add at least 1 more image to {source / 'rare'}")
+
+
+def test_numbered_figure_names_stay_short_for_long_file_names():
+    """visualize's and evaluate's per-image figures share one name rule: a 250-character stem is cut."""
+    from attention_cnn.figures import STEM_CHARS, numbered_name
+    name = numbered_name(3, "sub/" + "é" * 250 + ".jpg")
+    assert name.startswith("03_") and name.endswith(".png") and len(name) <= STEM_CHARS + 7
+    assert numbered_name(12, "forest_0001.jpg") == "12_forest_0001.png"

@@ -32,7 +32,7 @@ from attention_cnn.explain.figures import MethodFigure
 from attention_cnn.explain.metrics.road import FRACTIONS
 from attention_cnn.explain.report import metric_files, road_records, sanity_records, summarize
 from attention_cnn.explain.scoring import Scored, build_methods, score_methods
-from attention_cnn.figures import draw_gallery, prediction_label, safe_name
+from attention_cnn.figures import draw_gallery, numbered_name, prediction_label
 from attention_cnn.inference import (check_model_matches, images_to_float, load_for_inference, model_device,
                                      predict_logits, spread_over_classes)
 from attention_cnn.metrics import ClassificationReport, chance_level, classification_report
@@ -73,7 +73,7 @@ def write_method_figures(folder: Path, scored: Scored, images: torch.Tensor, fil
         target = int(scored.targets[i])
         title = f"true: {classes[int(labels[i])]} | maps explain: {classes[target]}"
         figure.draw(images[i], [r.maps[i] for r in scored.methods.values()], title,
-                    folder / f"{i + 1:02d}_{safe_name(Path(files[i]).stem)}.png")
+                    folder / numbered_name(i + 1, files[i]))
 
 
 def headline_metrics(report: ClassificationReport, best_epoch: int | None) -> dict[str, float]:

@@ -38,6 +38,12 @@ def unique_stem(text: str) -> str:
     return f"{safe_name(text.replace('/', '__'))[:STEM_CHARS]}~{digest}"
 
 
+def numbered_name(number: int, file: str) -> str:
+    """`NN_<stem>.png` for the number-th figure of `file`: unique by its number, its stem cut to STEM_CHARS so a
+    long file name never makes a name the file system refuses."""
+    return f"{number:02d}_{safe_name(Path(file).stem)[:STEM_CHARS]}.png"
+
+
 def image_array(image: torch.Tensor) -> np.ndarray:
     """(3, S, S) uint8 tensor -> (S, S, 3) float array in [0, 1], the layout matplotlib draws."""
     return image.permute(1, 2, 0).float().numpy() / 255.0

@@ -11,7 +11,7 @@ import torch
 
 from attention_cnn.atomic import Owned, atomic_dir, check_output_dir
 from attention_cnn.data.prepared import load_split
-from attention_cnn.figures import STEM_CHARS, prediction_label, safe_name, unique_stem
+from attention_cnn.figures import numbered_name, prediction_label, unique_stem
 from attention_cnn.inference import check_model_matches, load_for_inference, spread_over_classes
 from attention_cnn.panels import PanelFigure, compute_panels
 from attention_cnn.params import Params
@@ -52,7 +52,7 @@ def visualize(params: Params, prepared_dir: Path | str, model_path: Path | str, 
         mask_panel = trained.model.learns_mask
         single = PanelFigure(1, vis.colormap, vis.alpha, mask_panel=mask_panel)
         for n, index in enumerate(chosen, start=1):
-            name = f"{n:02d}_{safe_name(Path(test.files[index]).stem)[:STEM_CHARS]}.png"  # unique by its number
+            name = numbered_name(n, test.files[index])
             single.draw_row(0, panels, position[index], "")
             single.save(tmp / name, title=label(index))
             image_names.append(name)
