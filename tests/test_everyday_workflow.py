@@ -87,14 +87,47 @@ def test_a_python_without_the_packages_is_one_line(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+STARTED_CHILD = """import os, pathlib, sys, time
+from attention_cnn.startup import exit_with_parent
+exit_with_parent()
+pathlib.Path(sys.argv[1]).write_text(str(os.getpid()))
+time.sleep(120)
+"""
+
+
+@pytest.mark.parametrize("launch", ["direct", "sh -c", "bash -c, two commands"])
+def test_a_started_process_ends_with_the_one_that_started_it(tmp_path, launch):
+    """The stage's parent is dvc (bash execs `cmd`), or a shell that dvc started (dash, or a `cmd` of two
+    commands, forks): SIGKILL of the starter ends the stage either way."""
+    (tmp_path / "child.py").write_text(STARTED_CHILD)
+    child = f"{sys.executable} {tmp_path / 'child.py'} {tmp_path / 'pid'}"
+    argv = {"direct": child.split(), "sh -c": ["/bin/sh", "-c", f"{child}; true"],
+            "bash -c, two commands": ["bash", "-c", f"{child}; true"]}[launch]
+    starter = subprocess.Popen([sys.executable, "-c", f"import subprocess, time; subprocess.Popen({argv!r}); "
+                                "time.sleep(120)"], env=ENV, start_new_session=True)
+    try:
+        stage = int(wait_for(lambda: [tmp_path / "pid"] if (tmp_path / "pid").exists() else []).read_text() or 0)
+        assert stage and not gone(stage, within_s=1), "the started process exited by itself"
+        starter.kill()
+        starter.wait()
+        assert gone(stage, within_s=5), f"the started process outlived its starter ({launch})"
+    finally:
+        try:
+            os.killpg(starter.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def test_the_train_stage_ends_when_dvc_is_killed(built_repo, tmp_path):
     """`kill` of `dvc repro` alone: the stage it started exits within seconds, releases its lock and leaves no
-    temporary file; its checkpoint stays, for the next run to resume."""
+    temporary file; its checkpoint stays, for the next run to resume. SHELL unset, as under CI or cron: dvc runs
+    `cmd` through /bin/sh, which on Debian is dash and forks, so the stage's parent is the shell, not dvc."""
     repo = copy_of(built_repo, tmp_path / "repo")
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["train"].update(epochs=300, patience=300)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    dvc = subprocess.Popen(["dvc", "repro", "train"], cwd=repo, env=ENV, stdout=subprocess.DEVNULL,
+    env = {key: value for key, value in ENV.items() if key != "SHELL"}
+    dvc = subprocess.Popen(["dvc", "repro", "train"], cwd=repo, env=env, stdout=subprocess.DEVNULL,
                            stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         lock = wait_for(lambda: (repo / "models/.checkpoints").glob("*.lock"))

@@ -7,6 +7,9 @@
   `dvc` must not leave training running beside the next `dvc repro`. On Linux the kernel sends SIGTERM
   (prctl PR_SET_PDEATHSIG); elsewhere a watchdog thread polls the parent. SIGTERM then exits through Python,
   so atomic_dir and atomic_file remove their temporary outputs.
+  DVC runs `cmd` through `$SHELL -c`, or `/bin/sh -c` when SHELL is unset (CI, cron, containers). bash execs
+  the command, so the stage's parent is dvc; dash forks, so the parent is a shell that outlives a killed dvc.
+  When the parent is a shell, a watchdog thread also watches the shell's parent (Linux /proc).
 
 Standard library only: this module must import where nothing else does.
 """
@@ -20,6 +23,7 @@ import signal
 import sys
 import threading
 import time
+from pathlib import Path
 
 # Import names of the packages the stages need (pyproject.toml's dependencies); find_spec imports none of them.
 REQUIRED = ("torch", "torchvision", "numpy", "yaml", "PIL", "matplotlib", "tqdm", "dvclive")
@@ -35,23 +39,49 @@ def _terminate(signum: int, frame) -> None:
     raise SystemExit(128 + signum)  # through Python: `finally` and the atomic writers' cleanup run
 
 
-def _watch_parent(parent: int) -> None:
-    while os.getppid() == parent:
+# A parent with one of these names is the `sh -c` that DVC ran `cmd` through, not the process that owns the stage.
+SHELLS = frozenset({"sh", "dash", "bash", "zsh", "ksh", "mksh", "ash", "busybox"})
+
+
+def _parent_of(pid: int) -> int | None:
+    """`pid`'s parent from /proc (Linux), None when `pid` is gone or there is no /proc."""
+    try:
+        # The command name is in parentheses and may hold spaces or ")": the fields after the last ") " are fixed.
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _command_name(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _watch_parent(parent: int, shell: int | None, owner: int | None) -> None:
+    """SIGTERM this process once its parent is gone or, when the parent is a shell, once the shell's parent is
+    (the kernel then hands the shell to init or a subreaper)."""
+    while os.getppid() == parent and (shell is None or _parent_of(shell) == owner):
         time.sleep(WATCHDOG_PERIOD_S)
     os.kill(os.getpid(), signal.SIGTERM)
 
 
 def exit_with_parent() -> None:
-    """Make SIGTERM a clean exit and send it to this process when its parent dies."""
+    """Make SIGTERM a clean exit and send it to this process when its parent, or the process that started the
+    parent shell, dies."""
     parent = os.getppid()
     signal.signal(signal.SIGTERM, _terminate)
+    shell = parent if _command_name(parent) in SHELLS else None
+    owner = _parent_of(shell) if shell is not None else None
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL(None, use_errno=True)
         if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) == 0:
             if os.getppid() != parent:  # the parent died before prctl took effect
                 _terminate(signal.SIGTERM, None)
-            return
-    threading.Thread(target=_watch_parent, args=(parent,), daemon=True, name="exit-with-parent").start()
+            if shell is None or owner is None:
+                return  # the kernel watches the parent; nothing else to watch
+    threading.Thread(target=_watch_parent, args=(parent, shell, owner), daemon=True, name="exit-with-parent").start()
 
 
 def start_stage() -> None:
