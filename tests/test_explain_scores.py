@@ -46,11 +46,39 @@ def test_the_batched_imputation_equals_a_dense_solve_and_pytorch_grad_cam():
     removed[2, :5, :5] = True                              # a large hole
     ours = impute(images, removed)
     for i in range(3):
-        # CG stops when no step moves a pixel by 1e-4: within 1e-3, ten times below the noise ROAD adds.
+        # Within 1e-3, ten times below the noise ROAD adds (CG stops when no Jacobi step moves a pixel by 3e-5).
         torch.testing.assert_close(ours[i], dense_imputation(images[i], removed[i]), atol=1e-3, rtol=0)
         library = NoisyLinearImputer(noise=0)(images[i].float(), (~removed[i]).float())
         torch.testing.assert_close(ours[i].float(), library, atol=1e-3, rtol=0)
     assert torch.equal(ours[~removed[:, None].expand_as(ours)], images[~removed[:, None].expand_as(images)])
+
+
+def test_the_multigrid_imputation_equals_a_dense_solve_on_large_holes_and_odd_sides():
+    """The 80-90 % removals of ROAD: one big hole, and a smooth map's blobs, on a side that halves to odd sizes
+    (37 -> 19 -> 10 -> 5 -> 3), where the coarse grids must keep the image's border a free edge."""
+    g = torch.Generator().manual_seed(1)
+    images = torch.rand(3, 3, 37, 37, generator=g, dtype=torch.float64)
+    removed = torch.zeros(3, 37, 37, dtype=torch.bool)
+    removed[0, 2:, :] = True                                             # only two rows known
+    smooth = torch.nn.functional.interpolate(torch.rand(1, 1, 5, 5, generator=g), size=(37, 37), mode="bilinear")
+    removed[1] = smooth[0, 0] > smooth.quantile(0.1)                     # 90 % removed, in blobs
+    removed[2] = torch.rand(37, 37, generator=g) < 0.9                   # 90 % removed, scattered
+    ours = impute(images, removed)
+    for i in range(3):
+        torch.testing.assert_close(ours[i], dense_imputation(images[i], removed[i]), atol=1e-3, rtol=0)
+
+
+def test_the_multigrid_restriction_is_the_transpose_of_its_interpolation():
+    """CG needs a symmetric preconditioner: the V-cycle's restriction must be exactly the interpolation's
+    transpose (autograd's vector-Jacobian product of it), on even and odd sides."""
+    from attention_cnn.explain.metrics.road import _interpolate, _restrict
+
+    g = torch.Generator().manual_seed(2)
+    for fine_side, coarse_side in ((16, 8), (15, 8), (5, 3)):
+        coarse = torch.rand(2, 3, coarse_side, coarse_side, generator=g, dtype=torch.float64, requires_grad=True)
+        fine = torch.rand(2, 3, fine_side, fine_side, generator=g, dtype=torch.float64)
+        (vjp,) = torch.autograd.grad(_interpolate(coarse, fine.shape), coarse, fine)
+        torch.testing.assert_close(_restrict(fine, coarse.shape), vjp, atol=1e-12, rtol=0)
 
 
 def evidence_score(images: torch.Tensor) -> torch.Tensor:

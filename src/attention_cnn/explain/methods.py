@@ -55,7 +55,7 @@ class GradCAM(Explainer):
 
     def raw(self, model, images, targets):
         with gradients_on():
-            cam = LayerGradCam(logits_of(model), model.trunk)
+            cam = LayerGradCam(logits_of(model, split=False), model.trunk)
             return cam.attribute(plain(images), target=plain(targets), relu_attributions=True)[:, 0]  # (B, h, w)
 
 

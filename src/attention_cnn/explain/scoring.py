@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from attention_cnn.explain.base import Explainer
+from attention_cnn.explain.base import Explainer, cache_sized
 from attention_cnn.explain.baselines import EdgeMap, RandomMap
 from attention_cnn.explain.metrics.deletion_insertion import ScoreFn, deletion_fill, deletion_insertion, perturbation
 from attention_cnn.explain.metrics.pointing import pointing_game, pointing_tolerance, relevance_mass
@@ -64,7 +64,7 @@ def class_probabilities(model: AttentionCNN) -> ScoreFn:
 
     def score(images: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode(), autocast(device):
-            return model(images.to(device)).logits.float().softmax(dim=1)
+            return torch.cat([model(piece).logits.float().softmax(dim=1) for piece in cache_sized(images.to(device))])
 
     return score
 
