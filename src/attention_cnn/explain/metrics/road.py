@@ -40,8 +40,8 @@ NEIGHBOURS = torch.tensor([[1 / 12, 1 / 6, 1 / 12], [1 / 6, 0.0, 1 / 6], [1 / 12
 # the exact solve (measured on 150 px test images), thirty times below the noise ROAD adds.
 TOLERANCE = 3e-5
 MAX_ITERATIONS = 100   # multigrid-preconditioned CG needs 5-10; the cap only bounds a pathological input
-IMPUTE_PIXELS = 2**20  # pixels (x 3 channels) imputed together: fewer pay Python's cost per tensor op, more
-#                        spill the caches (1.3x slower at 5x this on 150 px images; 1.3x at an eighth)
+IMPUTE_PIXELS = 2**18  # pixels (x 3 channels) imputed together: fewer pay Python's cost per tensor op, more
+#                        spill the caches (measured best at 64 and 150 px, 1.2x faster there than 2**20)
 SMOOTHING = 0.8        # damped Jacobi, the multigrid smoother
 COARSEST_SWEEPS = 20   # Jacobi sweeps that solve the coarsest grid (at most 3 x 3)
 
