@@ -46,7 +46,7 @@ def test_the_batched_imputation_equals_a_dense_solve_and_pytorch_grad_cam():
     removed[2, :5, :5] = True                              # a large hole
     ours = impute(images, removed)
     for i in range(3):
-        # Within 1e-3, ten times below the noise ROAD adds (CG stops when no Jacobi step moves a pixel by 3e-5).
+        # Within 1e-3, ten times below the noise ROAD adds (CG stops when no Jacobi step moves a pixel by 1e-4).
         torch.testing.assert_close(ours[i], dense_imputation(images[i], removed[i]), atol=1e-3, rtol=0)
         library = NoisyLinearImputer(noise=0)(images[i].float(), (~removed[i]).float())
         torch.testing.assert_close(ours[i].float(), library, atol=1e-3, rtol=0)
