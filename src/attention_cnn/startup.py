@@ -59,10 +59,10 @@ def _command_name(pid: int) -> str:
         return ""
 
 
-def _watch_parent(parent: int, shell: int | None, owner: int | None) -> None:
-    """SIGTERM this process once its parent is gone or, when the parent is a shell, once the shell's parent is
-    (the kernel then hands the shell to init or a subreaper)."""
-    while os.getppid() == parent and (shell is None or _parent_of(shell) == owner):
+def _watch_parent(parent: int, owner: int | None) -> None:
+    """SIGTERM this process once its parent is gone or, when the parent is a shell started by `owner`, once the
+    shell's parent is no longer `owner` (the kernel hands an orphaned shell to init or a subreaper)."""
+    while os.getppid() == parent and (owner is None or _parent_of(parent) == owner):
         time.sleep(WATCHDOG_PERIOD_S)
     os.kill(os.getpid(), signal.SIGTERM)
 
@@ -72,16 +72,15 @@ def exit_with_parent() -> None:
     parent shell, dies."""
     parent = os.getppid()
     signal.signal(signal.SIGTERM, _terminate)
-    shell = parent if _command_name(parent) in SHELLS else None
-    owner = _parent_of(shell) if shell is not None else None
+    owner = _parent_of(parent) if _command_name(parent) in SHELLS else None  # who started the shell
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL(None, use_errno=True)
         if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) == 0:
             if os.getppid() != parent:  # the parent died before prctl took effect
                 _terminate(signal.SIGTERM, None)
-            if shell is None or owner is None:
+            if owner is None:
                 return  # the kernel watches the parent; nothing else to watch
-    threading.Thread(target=_watch_parent, args=(parent, shell, owner), daemon=True, name="exit-with-parent").start()
+    threading.Thread(target=_watch_parent, args=(parent, owner), daemon=True, name="exit-with-parent").start()
 
 
 def start_stage() -> None:

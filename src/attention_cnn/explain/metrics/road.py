@@ -224,25 +224,24 @@ def road(score_fn: ScoreFn, images: torch.Tensor, targets: torch.Tensor, salienc
          seed: int, fractions: tuple[float, ...] = FRACTIONS) -> RoadResult:
     """MoRF and LeRF curves of `saliency` (B, S, S) on images (B, 3, S, S) in [0, 1]. (order, fraction, image)
     triples are imputed and scored `batch_size` at a time; the noise is seeded."""
-    images = images.contiguous()  # the solver's shifted adds run fastest on plain layout (scoring may pass NHWC)
+    images = images.contiguous()  # the solver's stencils run fastest on plain layout (scoring may pass NHWC)
     num_images, pixels = images.shape[0], images.shape[-1] ** 2
     rank = saliency_rank(saliency.to(images.device))                     # (B, S*S), 0 = most relevant
     counts = torch.tensor([round(f * pixels) for f in fractions], device=images.device)
     total = 2 * len(fractions) * num_images
-    chunk = batch_size  # imputed together (impute splits it further), then scored in one forward
     scores = torch.empty(total, dtype=torch.float32)
     # One noise field per image, drawn once: the same map gets the same scores whatever the batch size.
     generator = torch.Generator(device=images.device).manual_seed(seed)
     noise = torch.randn(images.shape, generator=generator, device=images.device).to(images)  # (B, 3, S, S)
-    for lo in range(0, total, chunk):
-        triple = torch.arange(lo, min(lo + chunk, total), device=images.device)
+    for lo in range(0, total, batch_size):  # imputed together (impute splits further), then scored at once
+        triple = torch.arange(lo, min(lo + batch_size, total), device=images.device)
         lerf, step, image = triple // (len(fractions) * num_images), (triple // num_images) % len(fractions), \
             triple % num_images
         threshold = torch.where(lerf.bool(), pixels - counts[step], counts[step])[:, None]
         r = rank[image]
         removed = torch.where(lerf.bool()[:, None], r >= threshold, r < threshold)  # (m, S*S)
         x = noisy_impute(images[image], removed.view(-1, *images.shape[-2:]), noise[image]).clamp(0, 1)
-        probs = torch.cat([score_fn(x[i:i + batch_size]).float() for i in range(0, x.shape[0], batch_size)])
+        probs = score_fn(x).float()                                      # (m, K)
         scores[lo:lo + len(triple)] = probs.gather(1, targets[image][:, None]).squeeze(1).cpu()
     morf, lerf_scores = scores.view(2, len(fractions), num_images)
     return RoadResult(morf=morf, lerf=lerf_scores, road=((lerf_scores - morf) / 2).mean(0))
