@@ -55,11 +55,11 @@ def _locked(lock: Path) -> bool:
 
 def current_checkpoint_name(params_path: Path, prepared: Path) -> str:
     """The checkpoint file name the next training run would resume; UserError when the data cannot be read."""
-    from attention_cnn.checkpoint import checkpoint_path, fingerprint
-    from attention_cnn.train import _TRAINING_CODE, load_train_val  # the fingerprint train itself computes
+    from attention_cnn.checkpoint import checkpoint_path
+    from attention_cnn.train import load_train_val, training_fingerprint
 
     train_split, val_split = load_train_val(prepared)
-    return checkpoint_path(".", fingerprint(load_params(params_path), train_split, val_split, _TRAINING_CODE)).name
+    return checkpoint_path(".", training_fingerprint(load_params(params_path), train_split, val_split)).name
 
 
 def find_leftovers(root: Path, params_path: Path, prepared: Path, checkpoints: Path) -> tuple[list[Leftover], str]:

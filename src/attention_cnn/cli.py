@@ -23,6 +23,11 @@ from attention_cnn.params import VisualizeParams, load_params
 DEFAULT_MODEL = "models/model.pt"
 
 
+def checkpoint_dir(model: str) -> Path:
+    """Where training checkpoints live: .checkpoints/ beside the model file."""
+    return Path(model).parent / ".checkpoints"
+
+
 def _check_given_model(model: str) -> None:
     """A --model the user typed that does not exist is a wrong path; only the default one is a model not yet
     trained (load_model says to run `dvc repro train`)."""
@@ -49,13 +54,13 @@ def _train(args: argparse.Namespace) -> None:
         raise UserError(f"--node-rank {args.node_rank}: {args.params} has train.nnodes={nnodes}, so the node rank "
                         f"must be 0..{nnodes - 1} (0 is the machine that runs `dvc repro`).")
     if args.node_rank == 0:  # the machine that writes them
-        check_outputs_writable(args.model, Path(args.model).parent / ".checkpoints", args.metrics_dir)
+        check_outputs_writable(args.model, checkpoint_dir(args.model), args.metrics_dir)
     # Every torchrun worker runs this same command, and so reads the same files.
     launch_under_torchrun(params.train, node_rank=args.node_rank, worker=[
         "--module", "attention_cnn.cli", "train", "--node-rank", str(args.node_rank), "--params", args.params,
         "--prepared", args.prepared, "--model", args.model, "--metrics-dir", args.metrics_dir])
     train(params, prepared_dir=args.prepared, model_path=args.model,
-          checkpoint_dir=Path(args.model).parent / ".checkpoints", metrics_dir=args.metrics_dir)
+          checkpoint_dir=checkpoint_dir(args.model), metrics_dir=args.metrics_dir)
 
 
 def _evaluate(args: argparse.Namespace) -> None:
@@ -79,7 +84,7 @@ def _visualize(args: argparse.Namespace) -> None:
 def _clean(args: argparse.Namespace) -> None:
     from attention_cnn.clean import clean
 
-    clean(".", params_path=args.params, prepared=args.prepared, checkpoints=Path(args.model).parent / ".checkpoints",
+    clean(".", params_path=args.params, prepared=args.prepared, checkpoints=checkpoint_dir(args.model),
           remove=args.yes)
 
 
@@ -94,7 +99,7 @@ def _add_clean(commands: argparse._SubParsersAction) -> None:
     clean.add_argument("--yes", action="store_true", help="remove what is listed")
     clean.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
     clean.add_argument("--prepared", default="data/prepared", help="prepared splits (default: %(default)s)")
-    clean.add_argument("--model", default="models/model.pt",
+    clean.add_argument("--model", default=DEFAULT_MODEL,
                        help="model file; its checkpoints are in .checkpoints/ beside it (default: %(default)s)")
     clean.set_defaults(run=_clean)
 
@@ -109,7 +114,7 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
                        help="this machine's number, 0..train.nnodes-1 (default: %(default)s)")
     train.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
     train.add_argument("--prepared", default="data/prepared", help="prepared splits (default: %(default)s)")
-    train.add_argument("--model", default="models/model.pt", help="model written by rank 0; the checkpoint goes "
+    train.add_argument("--model", default=DEFAULT_MODEL, help="model written by rank 0; the checkpoint goes "
                                                                   "beside it, in .checkpoints/ (default: %(default)s)")
     train.add_argument("--metrics-dir", default="metrics/train",
                        help="DVCLive folder, written by rank 0 (default: %(default)s)")

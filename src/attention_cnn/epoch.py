@@ -262,9 +262,10 @@ def validation_totals(model: torch.nn.Module, source: BatchSource, indices: torc
 
 
 def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, source: BatchSource,
-                order: torch.Tensor, draws: Draws, tp: TrainParams, bar: tqdm,
+                order: torch.Tensor, draws: Draws | None, tp: TrainParams, bar: tqdm,
                 images_per_update: int = 1) -> torch.Tensor:
-    """One pass over `order` (indices into the split, on source.index_device); draws on the device.
+    """One pass over `order` (indices into the split, on source.index_device); draws on the device, or None
+    (train.augment off).
     Returns tensor([loss_sum, correct, n]).
 
     The sums stay on the device until the caller reads them once per epoch.
@@ -274,7 +275,7 @@ def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, source
     totals = torch.zeros(3, dtype=torch.float64, device=device)
     for start in range(0, order.numel(), tp.batch_size):
         idx = order[start:start + tp.batch_size]
-        part = draws[start:start + tp.batch_size] if tp.augment else None
+        part = None if draws is None else draws[start:start + tp.batch_size]
         x, y = source.batch(idx, part)  # (B, 3, S, S), (B,)
         with autocast(device, tp.cpu_bf16):
             logits = model(x).logits  # (B, K)

@@ -116,10 +116,16 @@ def write_misclassified(path: Path, images: torch.Tensor, labels: torch.Tensor, 
 
 def evaluate(params: Params, prepared_dir: Path | str, model_path: Path | str, metrics_dir: Path | str,
              out_dir: Path | str) -> EvaluateResult:
-    """Score `model_path` on the test split of `prepared_dir`; write metrics_dir/{metrics, <method>}.json and
-    out_dir/{per_class.json, confusion.json, misclassified.png}, with the best epoch the model file holds.
+    """Score `model_path` on the test split of `prepared_dir`; write metrics_dir/metrics.json, the per-method
+    scores beside it (maps/, ci/), and out_dir/ (per_class, confusion, misclassified, explain, road_*, sanity,
+    maps/NN_*.png), with the best epoch the model file holds.
     Raises UserError for a missing or stale model or split."""
-    check_output_dir(metrics_dir, METRICS_FILES), check_output_dir(out_dir, PLOT_FILES)  # before computing
+    metrics_dir = Path(metrics_dir)
+    score_dirs = {"maps": metrics_dir.with_name("maps"), "ci": metrics_dir.with_name("ci")}
+    check_output_dir(metrics_dir, METRICS_FILES)  # every output folder before computing anything
+    check_output_dir(out_dir, PLOT_FILES)
+    for folder in score_dirs.values():
+        check_output_dir(folder, SCORE_FILES)
     trained = load_for_inference(model_path)
     model = trained.model
     test = load_split(prepared_dir, "test")
@@ -134,14 +140,13 @@ def evaluate(params: Params, prepared_dir: Path | str, model_path: Path | str, m
     scored = explain_subset(model, test.images[subset], masks, params)
     explained = summarize(scored, params.seed)
     headline = headline_metrics(report, trained.best_epoch)
-    metrics_dir = Path(metrics_dir)
-    score_dirs = {"maps": metrics_dir.with_name("maps"), "ci": metrics_dir.with_name("ci")}
+    files = metric_files(explained)                                      # "maps/<method>.json" -> scores
 
     with atomic_dir(metrics_dir, METRICS_FILES) as metrics_tmp, atomic_dir(out_dir, PLOT_FILES) as out_tmp, \
             atomic_dir(score_dirs["maps"], SCORE_FILES) as maps_tmp, \
             atomic_dir(score_dirs["ci"], SCORE_FILES) as ci_tmp:
         write_json(metrics_tmp / "metrics.json", headline)
-        for relative, content in metric_files(explained).items():
+        for relative, content in files.items():
             folder, name = relative.split("/")
             write_json({"maps": maps_tmp, "ci": ci_tmp}[folder] / name, content)
         write_json(out_tmp / "per_class.json", per_class_records(report))
@@ -153,7 +158,7 @@ def evaluate(params: Params, prepared_dir: Path | str, model_path: Path | str, m
         write_json(out_tmp / "sanity.json", sanity_records(scored))
         write_method_figures(out_tmp / "maps", scored, test.images[subset], [test.files[i] for i in subset],
                              test.labels[subset], test.classes, cfg.figures)
-    maps = {f"maps/{path[5:-5]}/{key}": value for path, content in metric_files(explained).items()
+    maps = {f"{path.removesuffix('.json')}/{key}": value for path, content in files.items()
             if path.startswith("maps/") for key, value in content.items()}
     every = {**report.as_metrics(), **maps}
     return EvaluateResult(report=report, explained=explained, metrics=every, headline=headline)

@@ -77,7 +77,8 @@ def compute_panels(model: AttentionCNN, images: torch.Tensor, batch_size: int = 
     probs_all = torch.cat(probs)
     confidence, predictions = probs_all.max(dim=1)
     return Panels(images=images, before=torch.cat(before), mask=torch.cat(mask), mask_range=torch.cat(mask_range),
-                  mask_stretched=stretched, after=torch.cat(after), probs=probs_all, predictions=predictions, confidence=confidence)
+                  mask_stretched=stretched, after=torch.cat(after), probs=probs_all, predictions=predictions,
+                  confidence=confidence)
 
 
 def check_colormap(name: str) -> Colormap:

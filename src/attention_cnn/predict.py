@@ -156,12 +156,12 @@ def _classify(trained: TrainedModel, inputs: _Inputs, tmp: Path, top_k: int, bat
             for j in range(panels.probs.shape[0]):
                 n = lo + j
                 predicted, confidence = int(panels.predictions[j]), float(panels.confidence[j])
+                shown = display_name(files[n])
                 if figure is not None:
                     figure.draw_row(0, panels, j, "")
-                    figure.save(tmp / names[n],
-                                title=f"{display_name(files[n])}\n{prediction_label(classes, predicted, confidence)}")
+                    figure.save(tmp / names[n], title=f"{shown}\n{prediction_label(classes, predicted, confidence)}")
                 predictions.append(Prediction(
-                    file=display_name(files[n]), predicted_class=classes[predicted], confidence=confidence,
+                    file=shown, predicted_class=classes[predicted], confidence=confidence,
                     top_k=[(classes[int(i)], float(p)) for p, i in zip(top_p[j], top_i[j])]))
                 bar.update()
     return predictions

@@ -70,10 +70,10 @@ class TrainingState:
     def update(self, result: EpochResult) -> bool:
         """Record a finished epoch. True when it is the best so far: top val accuracy, ties to the lower loss."""
         self.history.append(result)
-        improved = self.best_epoch == 0 or result.val_accuracy > self.best_val_accuracy or (
-            result.val_accuracy == self.best_val_accuracy and result.val_loss < self.best_val_loss)
-        progress = self.best_epoch == 0 or result.val_accuracy > self.best_val_accuracy or (
-            result.val_accuracy == self.best_val_accuracy and result.val_loss < self.best_val_loss - LOSS_MIN_DELTA)
+        more_accurate = self.best_epoch == 0 or result.val_accuracy > self.best_val_accuracy
+        as_accurate = result.val_accuracy == self.best_val_accuracy
+        improved = more_accurate or (as_accurate and result.val_loss < self.best_val_loss)
+        progress = more_accurate or (as_accurate and result.val_loss < self.best_val_loss - LOSS_MIN_DELTA)
         if improved:
             self.best_epoch, self.best_val_accuracy, self.best_val_loss = (result.epoch, result.val_accuracy,
                                                                             result.val_loss)

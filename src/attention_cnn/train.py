@@ -16,7 +16,6 @@ Devices and DDP are in distributed.py; the memory guard of `dense` attention is 
 from __future__ import annotations
 
 import dataclasses
-import math
 import random
 import time
 from contextlib import ExitStack
@@ -141,6 +140,11 @@ def make_scheduler(optimizer: torch.optim.Optimizer, schedule: str, epochs: int)
 _TRAINING_CODE = sorted(Path(__file__).parent.rglob("*.py"))
 
 
+def training_fingerprint(params: Params, train_split: PreparedSplit, val_split: PreparedSplit) -> str:
+    """What names a run's checkpoint: params, prepared data and the training code (`attention-cnn clean` asks too)."""
+    return fingerprint(params, train_split, val_split, _TRAINING_CODE)
+
+
 def check_outputs_writable(model_path: Path | str, checkpoint_dir: Path | str,
                            metrics_dir: Path | str | None) -> None:
     """Refuse, naming the folder, before any epoch runs, when the model, its checkpoint or the metrics could
@@ -195,14 +199,15 @@ def _train(params: Params, ctx: Dist, prepared_dir: Path, model_path: Path, chec
     per_rank = _images_per_rank(len(train_split), ctx, prepared_dir)
     plan = plan_training(params.train, per_rank)
     if params.train.epochs != "auto":  # auto makes enough steps by itself
-        _warn_if_few_steps(prepared_dir, len(train_split), per_rank, params.train.batch_size, say)
+        _warn_if_few_steps(prepared_dir, len(train_split), per_rank, plan.steps_per_pass, params.train.batch_size,
+                           say)
     else:
         say(f"train: {plan.epochs} epochs of {plan.passes} pass{'es' if plan.passes > 1 else ''} over "
             f"{len(train_split)} images, {plan.steps} steps at most (train.steps={params.train.steps}).")
     check_model_fits(params.model, train_split.img_size, ctx.device, params.train.batch_size)
     run = _build_run(params, ctx, train_split, val_split, per_rank, plan, progress, resident, say)
 
-    run_fingerprint = fingerprint(params, train_split, val_split, _TRAINING_CODE)
+    run_fingerprint = training_fingerprint(params, train_split, val_split)
     check_same_run(run_fingerprint, params, ctx)
     saved_at = checkpoint_path(checkpoint_dir, run_fingerprint)
     if ctx.is_main:  # a second run of this fingerprint in this checkout is refused while this one trains
@@ -220,7 +225,7 @@ def _train(params: Params, ctx: Dist, prepared_dir: Path, model_path: Path, chec
         result = _train_one_epoch(run, epoch=len(state.history) + 1)
         if state.update(result):
             best_weights = {k: v.detach().to("cpu", copy=True) for k, v in run.net.state_dict().items()}
-        _report(result, state, params.train.patience, say)
+        _report(result, state, say)
         metrics.log_epoch(result, state)
         _save_progress(run, state, best_weights, run_fingerprint, saved_at)
         if on_epoch_end is not None:
@@ -255,9 +260,8 @@ def _images_per_rank(num_train: int, ctx: Dist, prepared_dir: Path) -> int:
     return per_rank
 
 
-def _warn_if_few_steps(prepared_dir: Path, num_train: int, per_rank: int, batch_size: int,
+def _warn_if_few_steps(prepared_dir: Path, num_train: int, per_rank: int, steps: int, batch_size: int,
                        say: Callable[[str], None]) -> None:
-    steps = math.ceil(per_rank / batch_size)
     if steps < MIN_STEPS_PER_EPOCH:
         per_process = " per process" if per_rank < num_train else ""
         say(f"warning: {prepared_dir}: {num_train} training images make {steps} steps of "
@@ -336,7 +340,8 @@ def _train_one_epoch(run: _Run, epoch: int) -> EpochResult:
     for _ in range(run.plan.passes):  # a fresh order and fresh augmentation draws each pass
         order = torch.randperm(run.train_data.num_images, generator=run.generators["shuffle"])
         order = order[ctx.rank * run.per_rank:(ctx.rank + 1) * run.per_rank].to(run.train_data.index_device)
-        draws = draw_augmentation(run.per_rank, run.train_data.img_size, tp, run.generators["augment"]).to(device)
+        draws = (draw_augmentation(run.per_rank, run.train_data.img_size, tp, run.generators["augment"]).to(device)
+                 if tp.augment else None)
         totals = totals + train_epoch(run.step_model, run.optimizer, run.train_data, order, draws, tp, bar,
                                       images_per_update=ctx.world_size)
     train_loss, train_correct, train_count = all_reduce_sum(totals, ctx).tolist()  # syncs the device
@@ -352,13 +357,13 @@ def _train_one_epoch(run: _Run, epoch: int) -> EpochResult:
                        images_per_s=train_count / seconds)
 
 
-def _report(result: EpochResult, state: TrainingState, patience: int, say: Callable[[str], None]) -> None:
+def _report(result: EpochResult, state: TrainingState, say: Callable[[str], None]) -> None:
     say(f"epoch {result.epoch}/{state.epochs}: train loss {result.train_loss:.4f} acc {result.train_accuracy:.4f} | "
         f"val loss {result.val_loss:.4f} acc {result.val_accuracy:.4f} | lr {result.lr:.2e} | "
         f"{result.images_per_s:,.0f} img/s" + (" | best" if state.best_epoch == result.epoch else ""))
     if state.stopping_early:
         say(f"early stop: no val progress (a higher accuracy, or the same with a loss lower by {LOSS_MIN_DELTA}) "
-            f"for {patience} epochs (best: epoch {state.best_epoch}).")
+            f"for {state.patience} epochs (best: epoch {state.best_epoch}).")
 
 
 def _save_progress(run: _Run, state: TrainingState, best_weights: dict[str, torch.Tensor] | None,

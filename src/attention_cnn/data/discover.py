@@ -337,13 +337,13 @@ def _check_has_files(found: Discovery) -> None:
     counts = np.bincount([img.label for img in found.images if img.pool in (None, "train")],
                          minlength=len(found.classes))
     for label, count in enumerate(counts):
+        if count:
+            continue
         where = class_dir(found, label, training_pool(found))
         lost = [e for e in found.skips.unreadable if e.get("class") == display_name(found.classes[label])]
-        if count == 0 and lost:
+        if lost:
             raise UserError(f"data.source: class '{found.classes[label]}' has no readable image: "
                             f"{found.source / lost[0]['path']}/ {lost[0]['reason'].split(':')[0]}. Give this user "
                             f"read and execute permission on it (chmod -R u+rX {where}), or remove the folder.")
-        if count == 0:
-            raise UserError(f"data.source: class '{found.classes[label]}' has no readable image: "
-                            f"{class_dir(found, label, training_pool(found))} holds no image file. Add images, "
-                            "or remove the folder.")
+        raise UserError(f"data.source: class '{found.classes[label]}' has no readable image: {where} holds no "
+                        "image file. Add images, or remove the folder.")

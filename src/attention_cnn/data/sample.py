@@ -214,7 +214,7 @@ _DRAW = {"buildings": _buildings, "forest": _forest, "glacier": _glacier,
          "mountain": _mountain, "sea": _sea, "street": _street}
 
 
-def _rng_for(seed: int, class_name: str, index: int) -> np.random.Generator:
+def rng_for(seed: int, class_name: str, index: int) -> np.random.Generator:
     # crc32 rather than hash(): Python salts str hashes per process, which would break reproducibility.
     return np.random.default_rng([seed, zlib.crc32(class_name.encode()), index])
 
@@ -223,7 +223,7 @@ def draw_scene(seed: int, class_name: str, index: int, size: int = 150) -> Scene
     """Draw image `index` of `class_name`: the same pixels for the same arguments, on any machine."""
     if class_name not in _DRAW:
         raise ValueError(f"unknown sample class {class_name!r}; expected one of {CLASSES}")
-    rng = _rng_for(seed, class_name, index)
+    rng = rng_for(seed, class_name, index)
     image = _background(rng, size)
     mask = Image.new("L", (size, size), 0)
     _DRAW[class_name](_Canvas(image, mask), rng, size)

@@ -15,24 +15,19 @@ Every image has its own RNG seeded by (seed, kind, class, index), so a folder is
 from __future__ import annotations
 
 import math
-import zlib
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 from attention_cnn.atomic import atomic_dir
+from attention_cnn.data.sample import rng_for
 
 KINDS = {
     "shapes": ("circle", "square", "triangle"),
     "textures": ("checks", "dots", "stripes"),
     "noise": ("a", "b", "c"),
 }
-
-
-def _rng(seed: int, kind: str, name: str, index: int) -> np.random.Generator:
-    # crc32 rather than hash(): Python salts str hashes per process.
-    return np.random.default_rng([seed, zlib.crc32(f"{kind}/{name}".encode()), index])
 
 
 def _two_colours(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -78,7 +73,7 @@ def _texture(rng: np.random.Generator, name: str, size: int) -> np.ndarray:
 
 def draw_image(seed: int, kind: str, name: str, index: int, size: int = 96) -> Image.Image:
     """Image `index` of class `name` of `kind`: the same pixels for the same arguments."""
-    rng = _rng(seed, kind, name, index)
+    rng = rng_for(seed, f"{kind}/{name}", index)
     if kind == "shapes":
         pixels = _shape(rng, name, size)
     elif kind == "textures":

@@ -72,7 +72,6 @@ class Explainer:
     """Base class: `method(model, images, targets)` with images (B, 3, S, S) in [0, 1] -> (B, S, S) in [0, 1]."""
 
     name = "explainer"
-    uses_model = True  # False for baselines that never look at the model (the sanity check expects them to fail)
 
     def raw(self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """(B, h, w) map on any grid, any scale; larger = more important."""

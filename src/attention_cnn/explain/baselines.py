@@ -20,7 +20,6 @@ SOBEL_X = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
 
 class RandomMap(Explainer):
     name = "random"
-    uses_model = False
 
     def __init__(self, seed: int):
         self.seed = seed
@@ -42,7 +41,6 @@ def sobel_magnitude(images: torch.Tensor) -> torch.Tensor:
 
 class EdgeMap(Explainer):
     name = "edge"
-    uses_model = False
 
     def raw(self, model, images, targets):
         return sobel_magnitude(images)

@@ -30,7 +30,7 @@ class MethodFigure:
     """input | one panel per method | colour bar, for one image at a time."""
 
     def __init__(self, methods: list[str], dpi: int = DPI):
-        self.methods, self.dpi = methods, dpi
+        self.dpi = dpi
         self.cmap = matplotlib.colormaps[COLORMAP]
         columns = len(methods) + 1
         width, height = 0.2 + columns * PANEL_INCHES + 0.9, PANEL_INCHES + 0.75

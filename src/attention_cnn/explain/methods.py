@@ -23,15 +23,11 @@ import torch
 from captum.attr import IntegratedGradients, LayerGradCam, NoiseTunnel, Occlusion, Saliency
 
 from attention_cnn.explain.base import Explainer, gradients_on, logits_of, plain
+from attention_cnn.explain.metrics.deletion_insertion import deletion_fill
 
 IG_STEPS = 16
 SG_SAMPLES = 16
 SG_SIGMA = 0.15
-
-
-def mean_image(model, images: torch.Tensor) -> torch.Tensor:
-    """(B, 3, S, S): the training images' per-channel mean colour, the model's `mean` buffer, at every pixel."""
-    return model.mean.reshape(1, 3, 1, 1).to(images).expand_as(images).contiguous()
 
 
 class MaskMap(Explainer):
@@ -69,7 +65,8 @@ class IntegratedGradientsMap(Explainer):
         with gradients_on():
             ig = IntegratedGradients(logits_of(model))
             x = plain(images)
-            attribution = ig.attribute(x, baselines=mean_image(model, x), target=plain(targets), n_steps=IG_STEPS,
+            mean_colour = deletion_fill(x, model.mean).contiguous()  # zero after the model's normalisation
+            attribution = ig.attribute(x, baselines=mean_colour, target=plain(targets), n_steps=IG_STEPS,
                                        internal_batch_size=self.batch_size)
         return attribution.abs().sum(dim=1)  # (B, S, S)
 
@@ -108,7 +105,7 @@ class OcclusionMap(Explainer):
         with torch.no_grad():
             occlusion = Occlusion(logits_of(model))
             attribution = occlusion.attribute(images, sliding_window_shapes=(3, side, side),
-                                              strides=(3, stride, stride), baselines=mean_image(model, images),
-                                              target=targets,
+                                              strides=(3, stride, stride),
+                                              baselines=deletion_fill(images, model.mean).contiguous(), target=targets,
                                               perturbations_per_eval=max(1, self.batch_size // images.shape[0]))
         return attribution.sum(dim=1)  # (B, S, S); the window spans the 3 channels, each gets the same share

@@ -23,6 +23,7 @@ from attention_cnn.explain.metrics.road import road
 from attention_cnn.explain.methods import (AttendedMap, GradCAM, IntegratedGradientsMap, MaskMap, OcclusionMap,
                                            SmoothGrad)
 from attention_cnn.explain.randomization import Cascade, cascading_randomization
+from attention_cnn.inference import model_device
 from attention_cnn.model import AttentionCNN, autocast
 from attention_cnn.params import EXPLAIN_METHODS
 
@@ -60,7 +61,7 @@ def build_methods(names: list[str] | tuple[str, ...], model: AttentionCNN, seed:
 
 def class_probabilities(model: AttentionCNN) -> ScoreFn:
     """Float images in [0, 1] -> softmax probabilities, under inference mode and the device's autocast."""
-    device = next(model.parameters()).device
+    device = model_device(model)
 
     def score(images: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode(), autocast(device):
