@@ -27,7 +27,7 @@ from attention_cnn.data.sample import write_sample
 from attention_cnn.data.synthetic import KINDS, write_folder
 from attention_cnn.inference import load_for_inference, predict_logits
 from attention_cnn.params import parse_params
-from attention_cnn.train import train
+from attention_cnn.training.train import train
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -7,7 +7,7 @@
 
 The fixture is generated in a temporary folder: class-dependent images (oriented stripes, a frequency and an
 angle per class, random phase, tint and noise), written as 150x150 JPEGs like the Intel set the seed used.
-    ours   attention_cnn.train.train with the default attention (conv) on the JPEGs decoded once (what `prepare`
+    ours   attention_cnn.training.train.train with the default attention (conv) on the JPEGs decoded once (what `prepare`
            does). The timed part is the whole training pass: indexing the uint8 tensors, augmentation, forward,
            backward, Adam and the loss/accuracy sums; validation and DVCLive (left out here) are outside it.
            images/s is the median over the epochs after the first (the first warms up or compiles);
@@ -45,13 +45,13 @@ from torchvision import transforms
 from tqdm import tqdm
 
 from attention_cnn.data.prepared import PreparedSplit, load_split, save_split
-from attention_cnn.distributed import kernel_settings
-from attention_cnn.epoch import BatchSource, draw_augmentation, reuse_freed_host_memory, train_epoch
+from attention_cnn.training.distributed import kernel_settings
+from attention_cnn.training.epoch import BatchSource, draw_augmentation, reuse_freed_host_memory, train_epoch
 from attention_cnn.errors import UserError
 from attention_cnn.memory import check_model_fits
 from attention_cnn.model import AttentionCNN
 from attention_cnn.params import ModelParams, TrainParams, parse_params
-from attention_cnn.train import train
+from attention_cnn.training.train import train
 
 SOURCE_SIZE = 150
 SEED_CHANNELS, SEED_BATCH = 128, 32
@@ -227,7 +227,7 @@ def train_flops_per_image(model_params: ModelParams, img_size: int, classes: int
 
 def profile_steps(prepared: Path, args, channels: int, top: int = 12) -> None:
     """Where a CPU training step spends its time: torch.profiler over one pass of train_epoch (after a warm-up
-    pass), set up as attention_cnn.train sets it up; ops grouped by name, each one's self time as a share of the
+    pass), set up as attention_cnn.training.train sets it up; ops grouped by name, each one's self time as a share of the
     pass's wall time."""
     split = load_split(prepared, "train")
     device = torch.device("cpu")

@@ -6,10 +6,10 @@ start_stage()  # before torch: one line when this Python lacks the packages; end
 
 import sys  # noqa: E402
 
-from attention_cnn.distributed import launch_under_torchrun  # noqa: E402
+from attention_cnn.training.distributed import launch_under_torchrun  # noqa: E402
 from attention_cnn.errors import exit_on_user_error  # noqa: E402
 from attention_cnn.params import load_params  # noqa: E402
-from attention_cnn.train import check_outputs_writable, train  # noqa: E402
+from attention_cnn.training.train import check_outputs_writable, train  # noqa: E402
 
 
 @exit_on_user_error

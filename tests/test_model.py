@@ -74,10 +74,23 @@ def test_every_variant_works_with_every_head(variant, head):
     out = model(torch.rand(B, 3, IMG, IMG))
     assert out.logits.shape == (B, K)
     seen = model.attention.head_input(out.attended, head)
-    expected = {"flatten": out.attended.flatten(1), "gmp": out.attended.amax(dim=(2, 3)),
-                "gap": out.attended.sum(dim=(2, 3)) if variant == "ltpa" else out.attended.mean(dim=(2, 3))}[head]
+    pooled = out.attended.sum(dim=(2, 3)) if variant == "ltpa" else out.attended.mean(dim=(2, 3))
+    expected = {"flatten": out.attended.flatten(1), "gmp": out.attended.amax(dim=(2, 3)), "gap": pooled,
+                "cam": pooled}[head]
     torch.testing.assert_close(seen, expected)
-    assert model.head[0].in_features == seen.shape[1] == (C * 16 if head == "flatten" else C)
+    first_linear = model.head[1 if head == "cam" else 0]
+    assert first_linear.in_features == seen.shape[1] == (C * 16 if head == "flatten" else C)
+
+
+@pytest.mark.parametrize("variant", ATTENTION_VARIANTS)
+def test_cam_head_class_maps_sum_over_positions_plus_bias_to_the_logits(variant):
+    model = tiny(variant, head="cam").eval()
+    out = model(torch.rand(B, 3, IMG, IMG))
+    maps = model.class_maps(out.attended)  # (B, K, h, w)
+    assert maps.shape == (B, K, *out.attended.shape[-2:])
+    torch.testing.assert_close(maps.sum(dim=(2, 3)) + model.head[-1].bias, out.logits, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="model.head=cam"):
+        tiny(variant).class_maps(out.attended)
 
 
 def test_pooled_heads_ignore_where_the_evidence_is_and_flatten_does_not():

@@ -17,7 +17,7 @@ import torch
 import yaml
 
 from attention_cnn.data.prepared import load_split, save_split
-from attention_cnn.distributed import flatten
+from attention_cnn.training.distributed import flatten
 from attention_cnn.model import load_model
 from e2e import TINY, VENV_BIN, run, stages_run, tiny_repo
 

@@ -15,8 +15,8 @@ from attention_cnn.inference import predict_logits
 from attention_cnn.metrics import chance_level, near_chance, not_learned_warning
 from attention_cnn.model import load_model
 from attention_cnn.params import parse_params
-from attention_cnn.schedule import EpochResult, TrainingState, plan_training
-from attention_cnn.train import train
+from attention_cnn.training.schedule import EpochResult, TrainingState, plan_training
+from attention_cnn.training.train import train
 
 from test_train import one_thread  # noqa: F401 (an autouse fixture: tiny tensors, one thread)
 
@@ -106,7 +106,7 @@ def test_early_stopping_ignores_tiny_loss_gains_and_waits_while_val_is_at_chance
     for n, loss in enumerate([0.2, 0.004, 0.002, 0.001, 0.0005], start=1):
         converged.update(epoch(n, 1.0, loss))
     # The best weights follow the lowest loss, but drops under LOSS_MIN_DELTA are no progress: it stops.
-    assert converged.best_epoch == 5 and converged.stopping_early
+    assert converged.best_epoch == 5 and converged.last_progress_epoch == 2 and converged.stopping_early
     looking = TrainingState(patience=3, epochs=100, chance_ceiling=0.5)
     for n in range(1, 10):  # at chance for 9 epochs: still looking, not converged
         looking.update(epoch(n, 0.34 + 0.001 * (n == 1), 1.1))
@@ -114,4 +114,4 @@ def test_early_stopping_ignores_tiny_loss_gains_and_waits_while_val_is_at_chance
     looking.update(epoch(10, 0.9, 0.3))
     for n in range(11, 14):
         looking.update(epoch(n, 0.8, 0.5))
-    assert looking.stopping_early and looking.best_epoch == 10
+    assert looking.stopping_early and looking.best_epoch == looking.last_progress_epoch == 10

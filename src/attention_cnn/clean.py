@@ -55,8 +55,8 @@ def _locked(lock: Path) -> bool:
 
 def current_checkpoint_name(params_path: Path, prepared: Path) -> str:
     """The checkpoint file name the next training run would resume; UserError when the data cannot be read."""
-    from attention_cnn.checkpoint import checkpoint_path
-    from attention_cnn.train import load_train_val, training_fingerprint
+    from attention_cnn.training.checkpoint import checkpoint_path
+    from attention_cnn.training.train import load_train_val, training_fingerprint
 
     train_split, val_split = load_train_val(prepared)
     return checkpoint_path(".", training_fingerprint(load_params(params_path), train_split, val_split)).name

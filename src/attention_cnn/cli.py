@@ -45,8 +45,8 @@ def _predict(args: argparse.Namespace) -> None:
 
 
 def _train(args: argparse.Namespace) -> None:
-    from attention_cnn.distributed import launch_under_torchrun
-    from attention_cnn.train import check_outputs_writable, train
+    from attention_cnn.training.distributed import launch_under_torchrun
+    from attention_cnn.training.train import check_outputs_writable, train
 
     params = load_params(args.params)
     nnodes = params.train.nnodes

@@ -14,7 +14,6 @@ from pathlib import Path
 import torch
 
 from attention_cnn.errors import UserError
-from attention_cnn.model import feature_size
 from attention_cnn.params import ModelParams
 
 # Training a weight with Adam in fp32 keeps 4 copies of it: the weight, its gradient, and Adam's two moments.
@@ -45,6 +44,11 @@ def available_memory_bytes(device: torch.device | str) -> tuple[int, str]:
     if available is None:  # not Linux: physical memory is the best estimate we have without psutil
         available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     return available, "available RAM"
+
+
+def feature_size(img_size: int) -> int:
+    """Side h = w of the model's final feature map: three 2x2 max-pools, each rounding down."""
+    return img_size // 8
 
 
 def dense_attention_bytes(channels: int, img_size: int, batch_size: int = 64, training: bool = True) -> int:

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from attention_cnn.atomic import atomic_torch_save
 from attention_cnn.errors import UserError
+from attention_cnn.memory import check_model_fits, feature_size
 from attention_cnn.params import RESIZE_POLICIES, ModelParams, ParamsError, parse_params
 
 class AttentionOutput(NamedTuple):
@@ -48,11 +49,6 @@ def autocast(device: torch.device, cpu_bf16: bool = False):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" or cpu_bf16)
 
 
-def feature_size(img_size: int) -> int:
-    """Side h = w of the final feature map: three 2x2 max-pools, each rounding down."""
-    return img_size // 8
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Attention variants: features (B, C, h, w) in, Masked(mask, attended) out.
 
@@ -70,7 +66,8 @@ class Attention(nn.Module):
     def head_input(self, attended: torch.Tensor, head: str) -> torch.Tensor:
         """What the classifier head sees (model.head): `flatten`, the seed's, the whole attended map as one vector,
         so each weight is tied to a position; `gap` / `gmp`, its average / maximum over positions, so the same
-        evidence anywhere in the image gives the same input (translation invariant)."""
+        evidence anywhere in the image gives the same input (translation invariant); `cam`, the average, read
+        by one linear layer (AttentionCNN.class_maps)."""
         if head == "flatten":
             return attended.flatten(1)     # (B, C*h*w)
         if head == "gmp":
@@ -157,7 +154,7 @@ class LTPAttention(Attention):
     def head_input(self, attended, head):
         """`gap`: the paper's attention-weighted sum g_a = sum_s a_s l_s (B, C), the mask being the weights of
         an average; `flatten` and `gmp` as for the other variants."""
-        if head == "gap":
+        if head in ("gap", "cam"):
             return attended.sum(dim=(2, 3))
         return super().head_input(attended, head)
 
@@ -218,12 +215,15 @@ class AttentionCNN(nn.Module):
             ConvBlock(C, C, pool=False),  # (B, C, h, w), h = w = S // 8
         )
         self.attention = build_attention(params.attention, C, size)
-        self.head = nn.Sequential(
-            nn.Linear(self.attention.head_width(C, size, params.head), params.hidden),
-            nn.ReLU(),
-            nn.Dropout(params.dropout),
-            nn.Linear(params.hidden, num_classes),
-        )
+        if params.head == "cam":  # linear after pooling: each position's share of a logit is exact (class_maps)
+            self.head = nn.Sequential(nn.Dropout(params.dropout), nn.Linear(C, num_classes))
+        else:
+            self.head = nn.Sequential(
+                nn.Linear(self.attention.head_width(C, size, params.head), params.hidden),
+                nn.ReLU(),
+                nn.Dropout(params.dropout),
+                nn.Linear(params.hidden, num_classes),
+            )
 
     @torch.no_grad()
     def set_normalization(self, mean: torch.Tensor, std: torch.Tensor) -> None:
@@ -235,6 +235,18 @@ class AttentionCNN(nn.Module):
     def learns_mask(self) -> bool:
         """False for `none`, whose mask is constant: there is nothing to draw or to score as a saliency map."""
         return self.params.attention != "none"
+
+    def class_maps(self, attended: torch.Tensor) -> torch.Tensor:
+        """The CAM of every class (Zhou et al. 2016), for model.head=cam: (B, C, h, w) -> (B, K, h, w).
+
+        The head is logits = W pool(attended) + b, and pooling is linear (an average; for `ltpa` the sum that
+        its mask weights), so position s's share of logit k is W_k . attended[:, :, s] times the pooling
+        weight, and the shares summed over positions, plus b_k, are the logit exactly."""
+        if self.params.head != "cam":
+            raise ValueError(f"class_maps needs model.head=cam, this model has head={self.params.head}")
+        h, w = attended.shape[-2:]
+        weight = 1.0 if isinstance(self.attention, LTPAttention) else 1.0 / (h * w)
+        return torch.einsum("bchw,kc->bkhw", attended, self.head[-1].weight) * weight
 
     def forward(self, x: torch.Tensor) -> AttentionOutput:
         x = (x - self.mean) / self.std                     # (B, 3, S, S)
@@ -327,8 +339,6 @@ def load_model(path: Path | str, map_location: torch.device | str = "cpu") -> Tr
     not one gives a UserError naming it."""
     path = Path(path)
     blob, params, img_size = _read_model_file(path, map_location)
-    from attention_cnn.memory import check_model_fits  # here: memory.py imports feature_size from this module
-
     check_model_fits(params, img_size, map_location, training=False)
     model = AttentionCNN(len(blob["classes"]), img_size, params)
     try:

@@ -20,7 +20,7 @@ from attention_cnn.errors import UserError
 ATTENTION_VARIANTS = ("none", "dense", "conv", "spatial", "ltpa")
 RESIZE_POLICIES = ("stretch", "center_crop", "pad")
 LR_SCHEDULES = ("cosine", "step", "constant")
-HEADS = ("gmp", "gap", "flatten")
+HEADS = ("gmp", "gap", "flatten", "cam")
 FLIPS = ("horizontal", "both", "none")
 DEVICES = ("auto", "cpu", "cuda")
 # The explanation methods evaluate.methods may name (explain/scoring.py builds them, in this order).

@@ -28,19 +28,19 @@ import torch
 from tqdm import tqdm
 
 from attention_cnn.atomic import check_writable
-from attention_cnn.checkpoint import (CHECKPOINT_FORMAT, checkpoint_path, fingerprint, read_checkpoint,
+from attention_cnn.training.checkpoint import (CHECKPOINT_FORMAT, checkpoint_path, fingerprint, read_checkpoint,
                                       remove_checkpoint, rng_state, run_lock, save_checkpoint, set_rng_state)
 from attention_cnn.data.prepared import PreparedSplit, load_split
-from attention_cnn.distributed import (Dist, all_reduce_sum, broadcast_buffers, broadcast_from_main, check_same_run,
+from attention_cnn.training.distributed import (Dist, all_reduce_sum, broadcast_buffers, broadcast_from_main, check_same_run,
                                        gather_objects, kernel_settings, setup_distributed, shut_down, wrap_for_steps)
-from attention_cnn.epoch import (BatchSource, draw_augmentation, fits_on_device, reuse_freed_host_memory, train_epoch,
+from attention_cnn.training.epoch import (BatchSource, draw_augmentation, fits_on_device, reuse_freed_host_memory, train_epoch,
                                  validation_totals)
 from attention_cnn.errors import UserError
 from attention_cnn.memory import check_model_fits
 from attention_cnn.metrics import chance_ceiling, chance_level, not_learned_warning
 from attention_cnn.model import AttentionCNN, save_model
 from attention_cnn.params import Params
-from attention_cnn.schedule import LOSS_MIN_DELTA, EpochResult, Plan, TrainingState, plan_training
+from attention_cnn.training.schedule import LOSS_MIN_DELTA, EpochResult, Plan, TrainingState, plan_training
 
 # An epoch of fewer optimizer steps than this barely moves the weights: train warns and says what to change.
 MIN_STEPS_PER_EPOCH = 10
@@ -49,6 +49,7 @@ class TrainResult:
     best_epoch: int
     best_val_accuracy: float
     best_val_loss: float
+    last_progress_epoch: int  # the last epoch that counted as progress; patience counts from it
     epochs_run: int
     stopped_early: bool
     resumed_from: int      # epochs taken from a checkpoint (0: fresh start)
@@ -137,7 +138,7 @@ def make_scheduler(optimizer: torch.optim.Optimizer, schedule: str, epochs: int)
 
 # The code whose change must not resume a checkpoint: the whole package, because a hand-kept list of the
 # modules that decide the weights goes stale as imports change (losing a resume is cheap; a stale one is not).
-_TRAINING_CODE = sorted(Path(__file__).parent.rglob("*.py"))
+_TRAINING_CODE = sorted(Path(__file__).parent.parent.rglob("*.py"))
 
 
 def training_fingerprint(params: Params, train_split: PreparedSplit, val_split: PreparedSplit) -> str:
@@ -246,7 +247,8 @@ def _train(params: Params, ctx: Dist, prepared_dir: Path, model_path: Path, chec
     if ctx.is_main:
         remove_checkpoint(saved_at)
     return TrainResult(best_epoch=state.best_epoch, best_val_accuracy=state.best_val_accuracy,
-                       best_val_loss=state.best_val_loss, epochs_run=len(state.history),
+                       best_val_loss=state.best_val_loss, last_progress_epoch=state.last_progress_epoch,
+                       epochs_run=len(state.history),
                        stopped_early=len(state.history) < plan.epochs, resumed_from=resumed_from,
                        history=state.history, model_path=written)
 
@@ -363,7 +365,8 @@ def _report(result: EpochResult, state: TrainingState, say: Callable[[str], None
         f"{result.images_per_s:,.0f} img/s" + (" | best" if state.best_epoch == result.epoch else ""))
     if state.stopping_early:
         say(f"early stop: no val progress (a higher accuracy, or the same with a loss lower by {LOSS_MIN_DELTA}) "
-            f"for {state.patience} epochs (best: epoch {state.best_epoch}).")
+            f"for {state.patience} epochs since epoch {state.last_progress_epoch}; keeping the best, epoch "
+            f"{state.best_epoch}.")
 
 
 def _save_progress(run: _Run, state: TrainingState, best_weights: dict[str, torch.Tensor] | None,

@@ -65,6 +65,7 @@ class TrainingState:
     best_epoch: int = 0            # 0: no epoch yet
     best_val_accuracy: float = 0.0
     best_val_loss: float = math.inf
+    last_progress_epoch: int = 0   # the epoch patience counts from (0: none yet)
     epochs_without_improvement: int = 0
 
     def update(self, result: EpochResult) -> bool:
@@ -78,6 +79,7 @@ class TrainingState:
             self.best_epoch, self.best_val_accuracy, self.best_val_loss = (result.epoch, result.val_accuracy,
                                                                             result.val_loss)
         if progress:
+            self.last_progress_epoch = result.epoch
             self.epochs_without_improvement = 0
         elif self.best_val_accuracy > self.chance_ceiling:
             self.epochs_without_improvement += 1
