@@ -157,6 +157,61 @@ class Params:
         return source if source.is_absolute() else Path(root) / source
 
 
+# One line per key for the params reference page (docs/params.md, written by tools/params_reference.py).
+# A key of the schema without a line here, or a line naming no key, fails tests/test_docs.py.
+MEANINGS = {
+    "seed": "seeds every random draw: the sample, the splits, weight init, shuffling, augmentation",
+    "img_size": "side in pixels of the square images the network sees",
+    "sample.images_per_class": "images per class of the built-in sample",
+    "sample.image_size": "side in pixels of the built-in sample's JPEG files",
+    "sample.jpeg_quality": "JPEG quality of the built-in sample",
+    "data.source": "the image folder to learn from: absolute, or a folder inside the repository",
+    "data.val_fraction": "share of each class held out to select the model (early stopping, best epoch)",
+    "data.test_fraction": "share of each class held out for the reported metrics (`<class>/` layout only)",
+    "data.resize": "how an image becomes a square: stretch it, crop its centre, or pad it",
+    "data.workers": "decode processes of prepare; 0 = one per core (does not change the outputs)",
+    "model.attention": "the attention mechanism; `none` is the same network without one",
+    "model.channels": "filters in each of the 4 convolution layers",
+    "model.hidden": "width of the head's hidden fully connected layer (the `cam` head has none)",
+    "model.dropout": "dropout before the last layer",
+    "model.head": "what the classifier sees of the attended map: its maximum (`gmp`), average (`gap`), "
+                  "the whole map (`flatten`), or class activation maps (`cam`)",
+    "train.epochs": "`auto`: enough epochs for `train.steps` steps; an integer: that many single passes",
+    "train.steps": "with `epochs: auto`, optimizer steps at most, whatever the folder's size",
+    "train.val_every": "with `epochs: auto`, an epoch is whole passes of at least this many steps",
+    "train.batch_size": "images per optimizer step, per process",
+    "train.lr": "Adam's learning rate",
+    "train.weight_decay": "Adam's weight decay",
+    "train.label_smoothing": "cross-entropy target: 1 - x on the class, x spread over all classes",
+    "train.lr_schedule": "how the learning rate falls, stepped once per epoch",
+    "train.patience": "epochs without validation progress before stopping early (not counted at chance)",
+    "train.augment": "apply the random per-image changes below; `false`: none of them",
+    "train.max_shift": "largest random shift, as a fraction of `img_size`",
+    "train.flip": "random flips: `horizontal`, `both` (only for classes with no \"up\"), or `none`",
+    "train.rotate": "largest random rotation in degrees; 180 is any angle (only for classes with no \"up\")",
+    "train.scale": "random zoom in or out by up to this fraction",
+    "train.color_jitter": "random brightness, contrast and saturation change, up to this fraction",
+    "train.grey": "probability that an image is made grey",
+    "train.channel_shuffle": "probability of a random RGB channel order (set 0 when hue is the class)",
+    "train.device": "`auto` (CUDA when present), `cpu` or `cuda`",
+    "train.compile": "`torch.compile` the model",
+    "train.cpu_bf16": "bf16 autocast on the CPU too (CUDA always uses it); faster only on CPUs with bf16 units",
+    "train.nproc": "training processes per machine; above 1, DDP under torchrun",
+    "train.nnodes": "machines training together; above 1, `attention-cnn train --node-rank K` joins",
+    "train.rdzv_endpoint": "`host:port` of the first machine, where the machines meet (when `nnodes` > 1)",
+    "train.rdzv_timeout": "seconds the machines wait for each other before a clear error",
+    "evaluate.batch_size": "images per inference batch",
+    "evaluate.faithfulness_images": "test images every explanation method is scored on",
+    "evaluate.faithfulness_steps": "steps in which deletion and insertion remove or put back pixels",
+    "evaluate.methods": "the explanation methods scored and drawn",
+    "evaluate.sanity_images": "images of the cascading-randomisation sanity check; 0 skips it",
+    "evaluate.figures": "test images drawn with every method's map",
+    "visualize.num_images": "test images drawn before and after the mask",
+    "visualize.per_class": "images in each per-class grid",
+    "visualize.alpha": "opacity of the maps drawn over the images",
+    "visualize.colormap": "matplotlib colormap of the maps",
+}
+
 # Where and how long the machines of a several-machine run wait for each other: not what they compute. dvc.yaml
 # leaves them out, and neither a resume nor the check that all nodes run the same job looks at them.
 RENDEZVOUS_KEYS = ("rdzv_endpoint", "rdzv_timeout")
