@@ -1,27 +1,92 @@
-"""Print the README's methods x scores table from the evaluate stage's output/evaluate/explain.json.
+"""The docs' tables of the evaluate stage's results, from its outputs.
 
-    python tools/attention_table.py [output/evaluate/explain.json]
+    python tools/attention_table.py [output/evaluate/explain.json]   # print the methods x scores table
+    python tools/attention_table.py --update   # copy a `dvc repro`'s outputs into docs/data/, then --write
+    python tools/attention_table.py --write    # rewrite the tables in docs/results.md from docs/data/
+    python tools/attention_table.py --check    # exit 1 when docs/results.md and docs/data/ disagree
 
-Every score is the mean over the scored test images with its 95 % bootstrap interval; the last line is the
-paired test of the learned mask against Grad-CAM. Paste the output over the table in README.md's
-"Attention quality" section after `dvc repro` of the default model.
+docs/results.md shows two tables the code produces: the methods x scores table (each score's mean with its 95 %
+bootstrap interval, and the paired test of the learned mask against Grad-CAM: explain.report.markdown_table) and
+the rows `dvc metrics show` prints for the metrics files (explain.report.metric_files). Both are written from
+docs/data/explain.json (a copy of output/evaluate/explain.json) and docs/data/metrics.json (of
+metrics/evaluate/metrics.json), which are committed because the pipeline's outputs are not. Run
+`dvc repro evaluate` on the default params, then `python tools/attention_table.py --update`.
 """
 
+from __future__ import annotations
+
+import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from attention_cnn.explain.report import markdown_table  # noqa: E402
+import yaml  # noqa: E402
+
+from attention_cnn.explain.report import markdown_table, metric_files  # noqa: E402
+from docs_markers import DOCS, ROOT, generated_part, write_generated_part  # noqa: E402
+
+PAGE = DOCS / "results.md"
+DATA = DOCS / "data"
+OUTPUTS = {"explain.json": ROOT / "output/evaluate/explain.json", "metrics.json": ROOT / "metrics/evaluate/metrics.json"}
 
 
-def main() -> None:
-    path = Path(sys.argv[1] if len(sys.argv) > 1 else "output/evaluate/explain.json")
-    if not path.is_file():
-        sys.exit(f"{path}: not found. Run `dvc repro evaluate` first.")
-    print(markdown_table(json.loads(path.read_text())))
+def metrics_show(headline: dict, summary: dict) -> str:
+    """The table `dvc metrics show` prints: one row per metrics file of dvc.yaml that the run wrote, in
+    dvc.yaml's order, one column per key (sorted, as DVC does), `-` where a file lacks the key."""
+    files = {"metrics/evaluate/metrics.json": headline}
+    files.update({f"metrics/{path}": content for path, content in metric_files(summary).items()})
+    order = yaml.safe_load((ROOT / "dvc.yaml").read_text())["metrics"]
+    rows = [(path, files[path]) for path in order if path in files]
+    keys = sorted({key for _, content in rows for key in content})
+    table = [["Path", *keys]] + [[path, *(str(content.get(k, "-")) for k in keys)] for path, content in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in table]
+    return "```text\n" + "\n".join(lines) + "\n```\n"
+
+
+def page_parts(data: Path = DATA) -> dict[str, str]:
+    """{marker name: generated content} for docs/results.md."""
+    summary = json.loads((data / "explain.json").read_text(encoding="utf-8"))
+    headline = json.loads((data / "metrics.json").read_text(encoding="utf-8"))
+    return {"attention-table": markdown_table(summary) + "\n", "metrics-show": metrics_show(headline, summary)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("explain", nargs="?", default=str(OUTPUTS["explain.json"]),
+                        help="explain.json to print the table of (default: %(default)s)")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--update", action="store_true", help="copy the pipeline's outputs to docs/data/, then write")
+    mode.add_argument("--write", action="store_true", help="rewrite docs/results.md's tables from docs/data/")
+    mode.add_argument("--check", action="store_true", help="exit 1 when docs/results.md is stale")
+    args = parser.parse_args()
+    if not (args.update or args.write or args.check):
+        path = Path(args.explain)
+        if not path.is_file():
+            sys.exit(f"{path}: not found. Run `dvc repro evaluate` first.")
+        print(markdown_table(json.loads(path.read_text(encoding="utf-8"))))
+        return 0
+    if args.update:
+        for name, source in OUTPUTS.items():
+            if not source.is_file():
+                sys.exit(f"{source}: not found. Run `dvc repro evaluate` on the default params first.")
+            shutil.copyfile(source, DATA / name)
+    parts = page_parts()
+    if args.check:
+        text = PAGE.read_text(encoding="utf-8")
+        stale = [name for name, content in parts.items() if generated_part(text, name) != content]
+        if stale:
+            print(f"error: docs/results.md: {', '.join(stale)} stale: run `python tools/attention_table.py --write`",
+                  file=sys.stderr)
+        return 1 if stale else 0
+    changed = [name for name, content in parts.items() if write_generated_part(PAGE, name, content)]
+    print(f"docs/results.md: {'rewrote ' + ', '.join(changed) if changed else 'up to date'}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
