@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: repro test install bench clean-venv plots-template
+.PHONY: repro test install bench clean-venv plots-template docs docs-serve
 
 # Re-install only when the dependency list changes.
 $(STAMP): pyproject.toml
@@ -31,6 +31,15 @@ bench: $(STAMP)
 # Re-inline vega, vega-lite and vega-embed into .dvc/offline_plots/ (needs npm); only when DVC's versions change.
 plots-template: $(STAMP)
 	$(BIN)/python tools/make_offline_plots.py
+
+# The documentation site (mkdocs.yml, docs/) into site/; --strict: a broken link or anchor fails.
+# NO_MKDOCS_2_WARNING: Material prints a banner about its successor on every build.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
+
+# Preview at http://127.0.0.1:8000, rebuilt on every save.
+docs-serve: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve
 
 clean-venv:
 	rm -rf $(VENV)
