@@ -2,10 +2,10 @@
 
     python tools/attention_table.py [output/evaluate/explain.json]   # print the methods x scores table
     python tools/attention_table.py --update   # copy a `dvc repro`'s outputs into docs/data/, then --write
-    python tools/attention_table.py --write    # rewrite the tables in docs/results.md from docs/data/
-    python tools/attention_table.py --check    # exit 1 when docs/results.md and docs/data/ disagree
+    python tools/attention_table.py --write    # rewrite the tables in docs/results.md and README.md from docs/data/
+    python tools/attention_table.py --check    # exit 1 when those pages and docs/data/ disagree
 
-docs/results.md shows two tables the code produces: the methods x scores table (each score's mean with its 95 %
+docs/results.md (and README.md, the first) shows two tables the code produces: the methods x scores table (each score's mean with its 95 %
 bootstrap interval, and the paired test of the learned mask against Grad-CAM: explain.report.markdown_table) and
 the rows `dvc metrics show` prints for the metrics files (explain.report.metric_files). Both are written from
 docs/data/explain.json (a copy of output/evaluate/explain.json) and docs/data/metrics.json (of
@@ -29,7 +29,8 @@ import yaml  # noqa: E402
 from attention_cnn.explain.report import markdown_table, metric_files  # noqa: E402
 from docs_markers import DOCS, ROOT, generated_part, write_generated_part  # noqa: E402
 
-PAGE = DOCS / "results.md"
+# The pages that show the tables: the marker names each page holds, all from the same docs/data/.
+PAGES = {DOCS / "results.md": ("attention-table", "metrics-show"), ROOT / "README.md": ("attention-table",)}
 DATA = DOCS / "data"
 OUTPUTS = {"explain.json": ROOT / "output/evaluate/explain.json", "metrics.json": ROOT / "metrics/evaluate/metrics.json"}
 
@@ -61,8 +62,8 @@ def main() -> int:
                         help="explain.json to print the table of (default: %(default)s)")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--update", action="store_true", help="copy the pipeline's outputs to docs/data/, then write")
-    mode.add_argument("--write", action="store_true", help="rewrite docs/results.md's tables from docs/data/")
-    mode.add_argument("--check", action="store_true", help="exit 1 when docs/results.md is stale")
+    mode.add_argument("--write", action="store_true", help="rewrite the tables in docs/results.md and README.md from docs/data/")
+    mode.add_argument("--check", action="store_true", help="exit 1 when those tables are stale")
     args = parser.parse_args()
     if not (args.update or args.write or args.check):
         path = Path(args.explain)
@@ -76,16 +77,18 @@ def main() -> int:
                 sys.exit(f"{source}: not found. Run `dvc repro evaluate` on the default params first.")
             shutil.copyfile(source, DATA / name)
     parts = page_parts()
-    if args.check:
-        text = PAGE.read_text(encoding="utf-8")
-        stale = [name for name, content in parts.items() if generated_part(text, name) != content]
-        if stale:
-            print(f"error: docs/results.md: {', '.join(stale)} stale: run `python tools/attention_table.py --write`",
-                  file=sys.stderr)
-        return 1 if stale else 0
-    changed = [name for name, content in parts.items() if write_generated_part(PAGE, name, content)]
-    print(f"docs/results.md: {'rewrote ' + ', '.join(changed) if changed else 'up to date'}")
-    return 0
+    stale = False
+    for page, names in PAGES.items():
+        where = page.relative_to(ROOT)
+        if args.check:
+            text = page.read_text(encoding="utf-8")
+            for name in (n for n in names if generated_part(text, n) != parts[n]):
+                print(f"error: {where}: {name} is stale: run `python tools/attention_table.py --write`", file=sys.stderr)
+                stale = True
+        else:
+            changed = [name for name in names if write_generated_part(page, name, parts[name])]
+            print(f"{where}: {'rewrote ' + ', '.join(changed) if changed else 'up to date'}")
+    return 1 if stale else 0
 
 
 if __name__ == "__main__":
