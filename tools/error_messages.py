@@ -112,8 +112,8 @@ def _placeholder(expr: ast.expr) -> str:
 class _Module:
     """One source file: its functions by name (nested ones too), to follow a message to where it is built."""
 
-    def __init__(self, path: Path):
-        self.path = path.relative_to(ROOT).as_posix()
+    def __init__(self, path: Path, root: Path):
+        self.path = path.relative_to(root).as_posix()
         self.tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
         self.functions: dict[str, list[ast.FunctionDef]] = {}
         self.parents: dict[ast.AST, ast.AST] = {}
@@ -158,8 +158,8 @@ class _Module:
         return []
 
 
-def _modules() -> list[_Module]:
-    return [_Module(p) for folder in SOURCES for p in sorted((ROOT / folder).rglob("*.py"))]
+def _modules(root: Path) -> list[_Module]:
+    return [_Module(p, root) for folder in SOURCES for p in sorted((root / folder).rglob("*.py"))]
 
 
 def _user_error_classes(modules: list[_Module]) -> dict[str, list[str]]:
@@ -191,9 +191,10 @@ def _user_error_classes(modules: list[_Module]) -> dict[str, list[str]]:
     return built
 
 
-def collect() -> tuple[list[Message], list[Unresolved]]:
-    """Every `error:` message the commands can print, and the raises whose message could not be followed."""
-    modules = _modules()
+def collect(root: Path = ROOT) -> tuple[list[Message], list[Unresolved]]:
+    """Every `error:` message the commands of the repository at `root` can print, and the raises whose message
+    could not be followed."""
+    modules = _modules(root)
     classes = _user_error_classes(modules)
     messages: list[Message] = []
     unresolved: list[Unresolved] = []
