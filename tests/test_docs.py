@@ -268,3 +268,19 @@ def test_the_changelog_keeps_a_changelog():
     text = _text(REPO / "CHANGELOG.md")
     assert text.startswith("# Changelog") and "## [Unreleased]" in text
     assert re.findall(r"^### (Added|Changed|Fixed|Removed|Deprecated|Security)$", text, re.M)
+
+
+def _anchors(page: Path) -> set[str]:
+    """The ids the site gives the page's headings (Python-Markdown's toc slugify, as mkdocs.yml uses it)."""
+    headings = re.findall(r"^#+ (.+)$", re.sub(r"^```.*?^```", "", _text(page), flags=re.S | re.M), re.M)
+    return {re.sub(r"[-\s]+", "-", re.sub(r"[^\w\s-]", "", h.replace("`", "")).strip().lower()) for h in headings}
+
+
+def test_the_readme_links_to_pages_and_headings_that_exist():
+    """The README is not part of the site, so mkdocs --strict does not check its links."""
+    links = re.findall(r"\]\(((?!https?:)[^)#]+)(?:#([^)]+))?\)", _text(REPO / "README.md"))
+    assert len(links) > 10
+    for target, anchor in links:
+        assert (REPO / target).is_file(), f"README.md links to {target}, which does not exist"
+        if anchor:
+            assert anchor in _anchors(REPO / target), f"README.md links to {target}#{anchor}, which has no such heading"
