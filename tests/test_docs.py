@@ -18,7 +18,6 @@ from attention_cnn import params as schema
 from attention_cnn.cli import build_parser
 from attention_cnn.explain.report import FILE_KEYS
 from attention_cnn.explain.scoring import SCORES
-from attention_cnn.metrics import SMALL_DATA_SECTION
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
@@ -259,6 +258,8 @@ def test_docs_name_only_commands_that_exist():
 
 
 def test_the_did_not_learn_warning_points_at_a_section_that_exists():
+    from attention_cnn.metrics import SMALL_DATA_SECTION  # 'README.md, "Training on a small folder"'
+
     page, heading = re.fullmatch(r'(.+), "(.+)"', SMALL_DATA_SECTION).groups()
     assert re.search(rf"^#+ {re.escape(heading)}$", _text(REPO / page), re.M), \
         f"the warning points at {SMALL_DATA_SECTION}, which does not exist"
