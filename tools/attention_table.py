@@ -2,15 +2,19 @@
 
     python tools/attention_table.py [output/evaluate/explain.json]   # print the methods x scores table
     python tools/attention_table.py --update   # copy a `dvc repro`'s outputs into docs/data/, then --write
-    python tools/attention_table.py --write    # rewrite the tables in docs/results.md and README.md from docs/data/
+    python tools/attention_table.py --write    # rewrite the tables of docs/results.md and README.md
     python tools/attention_table.py --check    # exit 1 when those pages and docs/data/ disagree
 
-docs/results.md (and README.md, the first) shows two tables the code produces: the methods x scores table (each score's mean with its 95 %
-bootstrap interval, and the paired test of the learned mask against Grad-CAM: explain.report.markdown_table) and
-the rows `dvc metrics show` prints for the metrics files (explain.report.metric_files). Both are written from
-docs/data/explain.json (a copy of output/evaluate/explain.json) and docs/data/metrics.json (of
-metrics/evaluate/metrics.json), which are committed because the pipeline's outputs are not. Run
-`dvc repro evaluate` on the default params, then `python tools/attention_table.py --update`.
+docs/results.md shows two tables the code produces, and README.md the first: the methods x scores table (each
+score's mean with its 95 % bootstrap interval, and the paired test of the learned mask against Grad-CAM:
+explain.report.markdown_table) and the rows `dvc metrics show` prints (explain.report.metric_files). Both are
+written from docs/data/explain.json (a copy of output/evaluate/explain.json) and docs/data/metrics.json (of
+metrics/evaluate/metrics.json), committed because the pipeline's outputs are not. Run `dvc repro evaluate` on
+the default params, then `python tools/attention_table.py --update`.
+
+The explain.json committed first holds the published numbers at the precision they were published (3 decimals;
+the full-precision file of that run was not kept), so a half-width in the `dvc metrics show` rows may differ in
+the third decimal from what that run printed. `--update` replaces it with a run's own file.
 """
 
 from __future__ import annotations
@@ -32,7 +36,8 @@ from docs_markers import DOCS, ROOT, generated_part, write_generated_part  # noq
 # The pages that show the tables: the marker names each page holds, all from the same docs/data/.
 PAGES = {DOCS / "results.md": ("attention-table", "metrics-show"), ROOT / "README.md": ("attention-table",)}
 DATA = DOCS / "data"
-OUTPUTS = {"explain.json": ROOT / "output/evaluate/explain.json", "metrics.json": ROOT / "metrics/evaluate/metrics.json"}
+OUTPUTS = {"explain.json": ROOT / "output/evaluate/explain.json",
+           "metrics.json": ROOT / "metrics/evaluate/metrics.json"}
 
 
 def metrics_show(headline: dict, summary: dict) -> str:
@@ -61,8 +66,10 @@ def main() -> int:
     parser.add_argument("explain", nargs="?", default=str(OUTPUTS["explain.json"]),
                         help="explain.json to print the table of (default: %(default)s)")
     mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--update", action="store_true", help="copy the pipeline's outputs to docs/data/, then write")
-    mode.add_argument("--write", action="store_true", help="rewrite the tables in docs/results.md and README.md from docs/data/")
+    mode.add_argument("--update", action="store_true",
+                      help="copy the pipeline's outputs to docs/data/, then write")
+    mode.add_argument("--write", action="store_true",
+                      help="rewrite the tables of docs/results.md and README.md from docs/data/")
     mode.add_argument("--check", action="store_true", help="exit 1 when those tables are stale")
     args = parser.parse_args()
     if not (args.update or args.write or args.check):
@@ -83,7 +90,8 @@ def main() -> int:
         if args.check:
             text = page.read_text(encoding="utf-8")
             for name in (n for n in names if generated_part(text, n) != parts[n]):
-                print(f"error: {where}: {name} is stale: run `python tools/attention_table.py --write`", file=sys.stderr)
+                print(f"error: {where}: {name} is stale: run `python tools/attention_table.py --write`",
+                      file=sys.stderr)
                 stale = True
         else:
             changed = [name for name in names if write_generated_part(page, name, parts[name])]
