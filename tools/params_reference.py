@@ -63,7 +63,7 @@ def reference_tables() -> str:
     """One markdown table per section of params.yaml: key, default, allowed values, meaning."""
     sections: dict[str, list[str]] = {}
     for key, f in schema_keys():
-        section = key.split(".")[0] if "." in key else "top level"
+        section = key.split(".")[0] if "." in key else "Top-level keys"
         allowed = schema._describe(f.metadata)
         meaning = schema.MEANINGS.get(key, "").strip() or "**(no meaning in params.MEANINGS)**"
         row = f"| `{key}` | `{_yaml_value(f.default)}` | {_cell(allowed)} | {_cell(meaning)} |"
