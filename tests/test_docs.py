@@ -285,3 +285,44 @@ def test_the_readme_links_to_pages_and_headings_that_exist():
         assert (REPO / target).is_file(), f"README.md links to {target}, which does not exist"
         if anchor:
             assert anchor in _anchors(REPO / target), f"README.md links to {target}#{anchor}, which has no such heading"
+
+
+def _bash_commands(page: Path) -> list[str]:
+    """The `dvc ...` commands of the page's bash blocks, one per command: continuation lines joined, `&&`
+    chains split, a prompt (`gpu-a$ `) and comments dropped."""
+    commands = []
+    for block in re.findall(r"^```bash\n(.*?)^```", _text(page), re.S | re.M):
+        for line in block.replace("\\\n", " ").splitlines():
+            for part in line.split("&&"):
+                found = re.match(r"\s*(?:[\w-]+\$\s+)?(dvc\s.*)", part)
+                if found:
+                    commands.append(found.group(1))
+    return commands
+
+
+def test_docs_dvc_commands_parse():
+    """Every `dvc` command of a bash block is one DVC's own parser accepts (command, sub-command and options);
+    a `dvc ...` in the prose names a command that exists."""
+    import shlex
+
+    from dvc.cli import DvcParserError
+    from dvc.cli.parser import get_main_parser
+
+    parser = get_main_parser()
+    commands = parser._subparsers._group_actions[0].choices
+    parsed = 0
+    for page in PAGES:
+        for command in _bash_commands(page):
+            try:
+                parser.parse_args(shlex.split(command, comments=True)[1:])
+            except (DvcParserError, SystemExit):
+                pytest.fail(f"{page.name}: DVC does not accept `{command}`")
+            parsed += 1
+        for words in re.findall(r"(?<![\w/-])dvc ([a-z-]+)(?: ([a-z-]+))?", _code(page)):
+            name, sub = words
+            assert name in commands, f"{page.name}: `dvc {name}` is not a DVC command"
+            subcommands = getattr(commands[name], "_subparsers", None)
+            if subcommands and sub:
+                assert sub in subcommands._group_actions[0].choices, \
+                    f"{page.name}: `dvc {name} {sub}` is unknown"
+    assert parsed > 30  # the extraction found the docs' commands
