@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -244,10 +245,29 @@ def test_docs_name_only_params_keys_that_exist():
     assert checked > 30
 
 
+def _bash_commands(page: Path, program: str) -> list[str]:
+    """The `<program> ...` commands of the page's bash blocks, one per command: continuation lines joined, `&&`
+    chains split, a prompt (`gpu-a$ `) dropped."""
+    commands = []
+    for block in re.findall(r"^```bash\n(.*?)^```", _text(page), re.S | re.M):
+        for line in block.replace("\\\n", " ").splitlines():
+            for part in line.split("&&"):
+                found = re.match(rf"\s*(?:[\w-]+\$\s+)?({program}\s.*)", part)
+                if found:
+                    commands.append(found.group(1))
+    return commands
+
+
 def test_docs_name_only_commands_that_exist():
-    subcommands = set(build_parser()._subparsers._group_actions[0].choices)
+    parser = build_parser()
+    subcommands = set(parser._subparsers._group_actions[0].choices)
     targets = set(re.findall(r"^([\w-]+):", _text(REPO / "Makefile"), re.M))
     for page in PAGES:
+        for command in _bash_commands(page, "attention-cnn"):
+            try:
+                parser.parse_args(shlex.split(command, comments=True)[1:])
+            except SystemExit:
+                pytest.fail(f"{page.name}: attention-cnn does not accept `{command}`")
         code = _code(page)
         for command in re.findall(r"attention-cnn[ \t]+([a-z][\w-]*)", code):
             assert command in subcommands, f"{page.name}: `attention-cnn {command}` is not a command"
@@ -287,24 +307,9 @@ def test_the_readme_links_to_pages_and_headings_that_exist():
             assert anchor in _anchors(REPO / target), f"README.md links to {target}#{anchor}, which has no such heading"
 
 
-def _bash_commands(page: Path) -> list[str]:
-    """The `dvc ...` commands of the page's bash blocks, one per command: continuation lines joined, `&&`
-    chains split, a prompt (`gpu-a$ `) and comments dropped."""
-    commands = []
-    for block in re.findall(r"^```bash\n(.*?)^```", _text(page), re.S | re.M):
-        for line in block.replace("\\\n", " ").splitlines():
-            for part in line.split("&&"):
-                found = re.match(r"\s*(?:[\w-]+\$\s+)?(dvc\s.*)", part)
-                if found:
-                    commands.append(found.group(1))
-    return commands
-
-
 def test_docs_dvc_commands_parse():
     """Every `dvc` command of a bash block is one DVC's own parser accepts (command, sub-command and options);
     a `dvc ...` in the prose names a command that exists."""
-    import shlex
-
     from dvc.cli import DvcParserError
     from dvc.cli.parser import get_main_parser
 
@@ -312,7 +317,7 @@ def test_docs_dvc_commands_parse():
     commands = parser._subparsers._group_actions[0].choices
     parsed = 0
     for page in PAGES:
-        for command in _bash_commands(page):
+        for command in _bash_commands(page, "dvc"):
             try:
                 parser.parse_args(shlex.split(command, comments=True)[1:])
             except (DvcParserError, SystemExit):
