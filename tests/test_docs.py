@@ -4,6 +4,7 @@ tools/ write from the code today; and every file, key and command the README and
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -225,13 +226,9 @@ def test_the_wrong_column_names_are_gone():
         assert "attention.json" not in _text(page), page.name
 
 
-def _schema_keys() -> set[str]:
-    return {key for key, _ in params_reference.schema_keys()}
-
-
 def test_docs_name_only_params_keys_that_exist():
-    keys = _schema_keys()
-    sections = "|".join(f.name for f in schema.dataclasses.fields(schema.Params))
+    keys = {key for key, _ in params_reference.schema_keys()}
+    sections = "|".join(f.name for f in dataclasses.fields(schema.Params))
     file_suffixes = ("py", "json", "yaml", "pt", "png", "md", "tsv", "csv", "lock", "sh", "txt")
     checked = 0
     for page in PAGES:
