@@ -40,15 +40,20 @@ OUTPUTS = {"explain.json": ROOT / "output/evaluate/explain.json",
            "metrics.json": ROOT / "metrics/evaluate/metrics.json"}
 
 
+def _shown(value: object) -> str:
+    """A metric as `dvc metrics show` prints it: `-` for a key the file lacks or holds as null."""
+    return "-" if value is None else str(value)
+
+
 def metrics_show(headline: dict, summary: dict) -> str:
     """The table `dvc metrics show` prints: one row per metrics file of dvc.yaml that the run wrote, in
-    dvc.yaml's order, one column per key (sorted, as DVC does), `-` where a file lacks the key."""
+    dvc.yaml's order, one column per key (sorted, as DVC does)."""
     files = {"metrics/evaluate/metrics.json": headline}
     files.update({f"metrics/{path}": content for path, content in metric_files(summary).items()})
     order = yaml.safe_load((ROOT / "dvc.yaml").read_text())["metrics"]
     rows = [(path, files[path]) for path in order if path in files]
     keys = sorted({key for _, content in rows for key in content})
-    table = [["Path", *keys]] + [[path, *(str(content.get(k, "-")) for k in keys)] for path, content in rows]
+    table = [["Path", *keys]] + [[path, *(_shown(content.get(k)) for k in keys)] for path, content in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in table]
     return "```text\n" + "\n".join(lines) + "\n```\n"
