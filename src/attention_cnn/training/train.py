@@ -225,7 +225,7 @@ def _train(params: Params, ctx: Dist, prepared_dir: Path, model_path: Path, chec
     while not state.done:
         result = _train_one_epoch(run, epoch=len(state.history) + 1)
         if state.update(result):
-            best_weights = {k: v.detach().to("cpu", copy=True) for k, v in run.net.state_dict().items()}
+            best_weights = _keep_best(run.net, best_weights)
         _report(result, state, say)
         metrics.log_epoch(result, state)
         _save_progress(run, state, best_weights, run_fingerprint, saved_at)
@@ -251,6 +251,17 @@ def _train(params: Params, ctx: Dist, prepared_dir: Path, model_path: Path, chec
                        epochs_run=len(state.history),
                        stopped_early=len(state.history) < plan.epochs, resumed_from=resumed_from,
                        history=state.history, model_path=written)
+
+
+def _keep_best(net: AttentionCNN, best: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+    """A host copy of the net's weights, written into the previous best's tensors: a new copy beside the old one
+    would hold a third copy of a big `dense` layer at once, and leave holes that the allocator cannot reuse."""
+    state = net.state_dict()
+    if best is None or best.keys() != state.keys():
+        return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+    for k, v in state.items():
+        best[k].copy_(v.detach())
+    return best
 
 
 def _images_per_rank(num_train: int, ctx: Dist, prepared_dir: Path) -> int:

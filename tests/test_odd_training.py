@@ -1,0 +1,102 @@
+"""What a newcomer meets on the training side, and odd inputs to `attention-cnn train` / `clean`: each test runs the
+real command (`python -m attention_cnn.cli ...`, or `main` in this process where nothing can hang) and checks the
+exit code, the message and the files on disk. Where the logic is what is tested, it is fed scripted inputs, so
+nothing here depends on the CPU's float rounding."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from attention_cnn.data.prepared import PreparedSplit, save_split
+from attention_cnn.memory import available_memory_bytes, dense_attention_bytes
+from test_everyday_workflow import ENV
+from test_safety import assert_one_line_error
+
+CLASSES = ["forest", "sea"]
+
+
+def prepared(folder: Path, size: int, counts: dict[str, int], seed: int = 0) -> Path:
+    """Random uint8 splits of `size` px, two classes, `counts[split]` images each: what train reads."""
+    g = torch.Generator().manual_seed(seed)
+    for split, n in counts.items():
+        save_split(folder, split, PreparedSplit(
+            images=torch.randint(0, 256, (n, 3, size, size), generator=g, dtype=torch.uint8),
+            labels=torch.arange(n) % 2, masks=None, files=[f"{CLASSES[i % 2]}/{split}{i}.png" for i in range(n)],
+            classes=CLASSES))
+    return folder
+
+
+def write_params(path: Path, img_size: int, model: dict, train: dict) -> Path:
+    raw = {"img_size": img_size, "model": {"hidden": 8, **model},
+           "train": {"device": "cpu", "augment": False, "patience": 100, **train}}
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def cli_train(folder: Path, params: Path, out: Path, *, wrapper: str | None = None,
+              timeout: float = 120) -> subprocess.CompletedProcess:
+    """`python -m attention_cnn.cli train` (or `wrapper` running the same argv) in its own process."""
+    argv = ["train", "--params", str(params), "--prepared", str(folder), "--model", str(out / "models/model.pt"),
+            "--metrics-dir", str(out / "metrics")]
+    start = ["-c", wrapper] if wrapper else ["-m", "attention_cnn.cli"]
+    return subprocess.run([sys.executable, *start, *argv], env={**ENV, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=timeout)
+
+
+# ---------------------------------------------------------------------------- dense: the guard's estimate
+
+PEAK_RSS = """import json, resource, sys
+from attention_cnn.cli import main
+peaks = []
+for argv in json.loads(sys.argv[1]):
+    main(argv)
+    peaks.append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+print(json.dumps(peaks))
+"""
+
+
+def test_the_dense_guard_bounds_what_training_really_takes(tmp_path):
+    """`attention-cnn train` with `conv` (a C x C layer), then the same with `dense`, in one process: what dense
+    adds to the peak RSS must be at most the guard's estimate. Three epochs, so Adam steps run while a copy of the
+    best weights is held and after it was replaced."""
+    img, channels, batch = 96, 24, 8  # a 3,456 x 3,456 layer: 12 million weights, 48 MB each fp32 copy
+    folder = prepared(tmp_path / "prepared", img, {"train": batch, "val": 2})
+    runs = []
+    for attention in ("conv", "dense"):
+        params = write_params(tmp_path / f"{attention}.yaml", img, {"attention": attention, "channels": channels},
+                              {"epochs": 3, "batch_size": batch})
+        runs.append(["train", "--params", str(params), "--prepared", str(folder),
+                     "--model", str(tmp_path / attention / "model.pt"), "--metrics-dir", str(tmp_path / attention)])
+    done = subprocess.run([sys.executable, "-c", PEAK_RSS, json.dumps(runs)], env={**ENV, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert all((tmp_path / attention / "model.pt").is_file() for attention in ("conv", "dense"))
+    conv_peak, dense_peak = json.loads(done.stdout.splitlines()[-1])
+    added, estimate = dense_peak - conv_peak, dense_attention_bytes(channels, img, batch_size=batch)
+    assert added <= estimate, f"dense added {added / 1e6:.0f} MB to the peak, the guard expects {estimate / 1e6:.0f}"
+    # And the test measures the layer: its copies are most of the estimate.
+    assert added >= 0.6 * estimate, f"dense added {added / 1e6:.0f} MB, the guard expects {estimate / 1e6:.0f}"
+
+
+def test_the_dense_layer_that_was_killed_for_memory_is_refused_in_one_line(tmp_path):
+    """img_size 250, dense, 32 channels: 945 million weights. The guard used to say 15.2 GB while training took
+    over 24 GB and was killed; now it asks for 34.1 GB, before anything is allocated or written."""
+    available, _ = available_memory_bytes("cpu")
+    needed = dense_attention_bytes(32, 250, batch_size=4)
+    assert 34.0e9 < needed < 34.2e9
+    if needed <= available:
+        pytest.skip(f"this machine has {available / 1e9:.0f} GB available: the layer fits here")
+    folder = prepared(tmp_path / "prepared", 250, {"train": 4, "val": 2})
+    params = write_params(tmp_path / "params.yaml", 250, {"attention": "dense", "channels": 32}, {"batch_size": 4})
+    done = cli_train(folder, params, tmp_path / "out")
+    assert done.returncode == 2
+    assert_one_line_error(done.stderr, "'model.attention' dense at img_size=250", "34.1 GB",
+                          "model.attention=conv")
+    assert not (tmp_path / "out").exists()
