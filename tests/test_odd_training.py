@@ -16,6 +16,9 @@ import yaml
 
 from attention_cnn.data.prepared import PreparedSplit, save_split
 from attention_cnn.memory import available_memory_bytes, dense_attention_bytes
+from attention_cnn.metrics import (SMALL_DATA_SECTION, chance_ceiling, near_chance, not_learned_warning,
+                                   too_few_to_tell)
+from attention_cnn.training.schedule import EpochResult, TrainingState
 from test_everyday_workflow import ENV
 from test_safety import assert_one_line_error
 
@@ -100,3 +103,46 @@ def test_the_dense_layer_that_was_killed_for_memory_is_refused_in_one_line(tmp_p
     assert_one_line_error(done.stderr, "'model.attention' dense at img_size=250", "34.1 GB",
                           "model.attention=conv")
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------- "did not learn" on a tiny split
+
+
+def test_a_perfect_score_on_a_tiny_split_is_never_at_chance():
+    # 2 classes, 6 val images: a guesser gets all 6 right 1/64 of the time, so 6 images cannot tell; the ceiling
+    # (it was 0.5 + 3 * sqrt(0.25 / 6) = 1.11) stays one image short of perfect.
+    assert too_few_to_tell(2, 6) and chance_ceiling(2, 6) < 1.0
+    assert near_chance(5 / 6, 2, 6) and not near_chance(1.0, 2, 6) and not_learned_warning("x", 1.0, 2, 6) is None
+    assert not_learned_warning("best val accuracy", 5 / 6, 2, 6) == (
+        "warning: best val accuracy 0.833 on 6 images is within what guessing reaches (0.500 for 2 classes): too "
+        "few images to tell whether the model learned. Give the split more images (data.val_fraction, "
+        "data.test_fraction, or a bigger folder). See " + SMALL_DATA_SECTION + ".")
+    # From 10 images on, 10 of 10 is rarer than 3 standard errors' luck: 9 of 10 is still chance, 10 is not.
+    assert not too_few_to_tell(2, 10) and near_chance(0.9, 2, 10) and not near_chance(1.0, 2, 10)
+    assert "the model did not learn" in not_learned_warning("test accuracy", 0.9, 2, 10)
+    # The exact tail: 18 of 27 right with 3 classes happens by luck 0.1 % of the time, 17 of 27 0.4 %.
+    assert near_chance(17 / 27, 3, 27) and not near_chance(18 / 27, 3, 27)
+    # A big split keeps the 5-point floor.
+    assert near_chance(0.29, 4, 10_000) and not near_chance(0.31, 4, 10_000)
+    # And patience counts once a perfect score is reached on the tiny split.
+    state = TrainingState(patience=2, epochs=100, chance_ceiling=chance_ceiling(2, 6))
+    for n, accuracy in enumerate([0.5, 1.0, 1.0, 1.0], start=1):
+        state.update(EpochResult(epoch=n, train_loss=0.1, train_accuracy=accuracy, val_loss=0.1,
+                                 val_accuracy=accuracy, lr=1e-3, images_per_s=1.0))
+    assert state.stopping_early and state.best_epoch == state.last_progress_epoch == 2
+
+
+def test_a_model_that_separates_a_tiny_val_split_is_not_told_it_did_not_learn(tmp_path):
+    """Black images against white ones, 6 val images: any CPU's training gets every one right."""
+    folder = prepared(tmp_path / "prepared", 16, {"train": 12, "val": 6})
+    for split in ("train", "val"):  # class 0 black, class 1 white
+        blob = torch.load(folder / f"{split}.pt", weights_only=True)
+        blob["images"] = (blob["labels"] * 255).to(torch.uint8).view(-1, 1, 1, 1).expand(-1, 3, 16, 16).contiguous()
+        torch.save(blob, folder / f"{split}.pt")
+    params = write_params(tmp_path / "params.yaml", 16, {"channels": 4},
+                          {"steps": 48, "val_every": 12, "batch_size": 4, "lr": 0.01})
+    done = cli_train(folder, params, tmp_path / "out")
+    assert done.returncode == 0, done.stderr
+    assert "best val accuracy 1.0000" in done.stdout, done.stdout
+    assert "warning" not in done.stdout + done.stderr and "did not learn" not in done.stdout
+    assert (tmp_path / "out/models/model.pt").is_file()
