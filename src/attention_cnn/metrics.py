@@ -13,7 +13,6 @@ Conventions (the same as scikit-learn's defaults with zero_division=0, which we 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -146,40 +145,26 @@ def chance_level(num_classes: int) -> float:
     return 1.0 / num_classes
 
 
-# A guesser reaches an accuracy above the ceiling at most this often: the one-sided tail of 3 standard errors.
+# The one-sided tail beyond 3 standard errors: how rarely luck alone may explain an accuracy.
 LUCK = 0.00135
 
 
-def _luck_threshold(p: float, count: int) -> int:
-    """The fewest correct answers out of `count` that a guesser (right with probability p each) reaches at most
-    LUCK of the time, exactly (binomial tail, summed in log space from the top); count + 1 when even all of them
-    right is more likely than that."""
-    log_p, log_q = math.log(p), math.log1p(-p)
-    log_tail = -math.inf
-    for k in range(count, -1, -1):
-        log_pmf = (math.lgamma(count + 1) - math.lgamma(k + 1) - math.lgamma(count - k + 1)
-                   + k * log_p + (count - k) * log_q)
-        log_tail = max(log_tail, log_pmf) + math.log1p(math.exp(-abs(log_tail - log_pmf)))
-        if log_tail > math.log(LUCK):
-            return k + 1
-    return 0
-
-
 def too_few_to_tell(num_classes: int, count: int) -> bool:
-    """True when even a perfect score on `count` images is within what guessing reaches (2 classes, 9 images)."""
-    return _luck_threshold(chance_level(num_classes), count) > count
+    """True when a guesser gets all `count` images right more often than LUCK (2 classes: up to 9 images), so that
+    no score on them can tell a model that learned from one that guesses."""
+    return chance_level(num_classes) ** max(count, 1) > LUCK
 
 
 def chance_ceiling(num_classes: int, count: int) -> float:
-    """The highest accuracy over `count` images still within luck of chance: 5 points above it, or what a
-    guesser reaches more often than LUCK (a best-of-many val accuracy drifts up by luck alone). Always below a
-    perfect score: when even that could be luck (too_few_to_tell), the ceiling is one image short of it, so a
-    model that gets every image right is never called one that did not learn.
-    Half an image below the next count, so that accuracy = correct / count compares the same on any CPU."""
+    """The highest accuracy over `count` images still within a few points of chance: 5 points, or 3 standard
+    errors of a guesser's accuracy on so few images (a best-of-many val accuracy drifts up by luck alone).
+    Always half an image below a perfect score: on a tiny split 3 standard errors reach past 1 (0.5 + 3 *
+    sqrt(0.25 / 6) = 1.11 for 2 classes and 6 images), and a model that gets every image right must not be
+    called one that did not learn, nor have its patience never counted. Half an image, so that
+    accuracy = correct / count compares the same on any CPU."""
     count = max(count, 1)
     p = chance_level(num_classes)
-    lucky = min(_luck_threshold(p, count), count)  # fewest correct that luck rarely gives; at most all of them
-    return min(max(p + 0.05, (lucky - 0.5) / count), (count - 0.5) / count)
+    return min(p + max(0.05, 3 * (p * (1 - p) / count) ** 0.5), (count - 0.5) / count)
 
 
 def near_chance(accuracy: float, num_classes: int, count: int) -> bool:

@@ -203,8 +203,9 @@ def _train(params: Params, ctx: Dist, prepared_dir: Path, model_path: Path, chec
         _warn_if_few_steps(prepared_dir, len(train_split), per_rank, plan.steps_per_pass, params.train.batch_size,
                            say)
     else:
-        say(f"train: {plan.epochs} epochs of {plan.passes} pass{'es' if plan.passes > 1 else ''} over "
-            f"{len(train_split)} images, {plan.steps} steps at most (train.steps={params.train.steps}).")
+        say(f"train: {plan.epochs} epoch{'s' if plan.epochs > 1 else ''} of {plan.steps_per_epoch} steps "
+            f"({_passes(plan)} over {len(train_split)} images), {plan.steps} steps in all "
+            f"(train.steps={params.train.steps}).")
     check_model_fits(params.model, train_split.img_size, ctx.device, params.train.batch_size)
     run = _build_run(params, ctx, train_split, val_split, per_rank, plan, progress, resident, say)
 
@@ -251,6 +252,13 @@ def _train(params: Params, ctx: Dist, prepared_dir: Path, model_path: Path, chec
                        epochs_run=len(state.history),
                        stopped_early=len(state.history) < plan.epochs, resumed_from=resumed_from,
                        history=state.history, model_path=written)
+
+
+def _passes(plan: Plan) -> str:
+    whole, part = divmod(plan.steps_per_epoch, plan.steps_per_pass)
+    if not whole:
+        return f"{part} of a pass's {plan.steps_per_pass} steps"
+    return f"{whole} pass{'es' if whole > 1 else ''}" + (f" and {part} steps" if part else "")
 
 
 def _keep_best(net: AttentionCNN, best: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
@@ -345,14 +353,17 @@ def _resume(run: _Run, state: TrainingState, metrics: _Metrics, saved: dict | No
 def _train_one_epoch(run: _Run, epoch: int) -> EpochResult:
     tp, ctx, device = run.params.train, run.ctx, run.ctx.device
     lr = run.optimizer.param_groups[0]["lr"]
-    bar = tqdm(total=run.per_rank * ctx.world_size * run.plan.passes, desc=f"epoch {epoch}/{run.plan.epochs}",
+    pass_steps = run.plan.pass_steps(epoch)  # train.steps may end the epoch part-way through a pass
+    bar = tqdm(total=sum(min(run.per_rank, steps * tp.batch_size) for steps in pass_steps) * ctx.world_size,
+               desc=f"epoch {epoch}/{run.plan.epochs}",
                unit="img", unit_scale=True, disable=not (run.progress and ctx.is_main), leave=False,
                dynamic_ncols=True)
     started = time.perf_counter()
     totals = 0
-    for _ in range(run.plan.passes):  # a fresh order and fresh augmentation draws each pass
+    for steps in pass_steps:  # a fresh order and fresh augmentation draws each pass
         order = torch.randperm(run.train_data.num_images, generator=run.generators["shuffle"])
-        order = order[ctx.rank * run.per_rank:(ctx.rank + 1) * run.per_rank].to(run.train_data.index_device)
+        order = order[ctx.rank * run.per_rank:(ctx.rank + 1) * run.per_rank][:steps * tp.batch_size]
+        order = order.to(run.train_data.index_device)
         draws = (draw_augmentation(run.per_rank, run.train_data.img_size, tp, run.generators["augment"]).to(device)
                  if tp.augment else None)
         totals = totals + train_epoch(run.step_model, run.optimizer, run.train_data, order, draws, tp, bar,
