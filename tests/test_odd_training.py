@@ -6,6 +6,8 @@ nothing here depends on the CPU's float rounding."""
 from __future__ import annotations
 
 import json
+import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +22,7 @@ from attention_cnn.metrics import (SMALL_DATA_SECTION, chance_ceiling, near_chan
                                    too_few_to_tell)
 from attention_cnn.params import parse_params
 from attention_cnn.training.schedule import EpochResult, TrainingState, plan_training
-from test_everyday_workflow import ENV
+from test_everyday_workflow import ENV, wait_for
 from test_safety import assert_one_line_error
 
 CLASSES = ["forest", "sea"]
@@ -212,3 +214,64 @@ def test_a_real_run_makes_train_steps_optimizer_steps(tmp_path):
         assert (tmp_path / f"{steps}/model.pt").is_file()
         epochs = json.loads((tmp_path / f"{steps}/m/metrics.json").read_text())
         assert epochs["step"] == {1: 0, 5: 0, 7: 2}[steps]  # DVCLive's last step: one per epoch, from 0
+
+
+# ---------------------------------------------------------------------------- SIGTERM and Ctrl-C
+
+
+def start_train(folder: Path, params: Path, out: Path) -> subprocess.Popen:
+    argv = [sys.executable, "-m", "attention_cnn.cli", "train", "--params", str(params), "--prepared", str(folder),
+            "--model", str(out / "models/model.pt"), "--metrics-dir", str(out / "metrics")]
+    return subprocess.Popen(argv, env={**ENV, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def stopped(proc: subprocess.Popen, sig: signal.Signals) -> tuple[int, str]:
+    proc.send_signal(sig)
+    try:
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    return proc.returncode, err
+
+
+def last_line(err: str) -> str:
+    return [line for line in re.split(r"[\r\n]", err) if line.strip()][-1]
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_stopped_train_keeps_its_checkpoint_releases_its_lock_and_says_how_to_resume(tmp_path, sig, code):
+    """What a cancelled Slurm job (SIGTERM) or Ctrl-C (SIGINT) does to `attention-cnn train` after some epochs."""
+    folder = prepared(tmp_path / "prepared", 16, {"train": 12, "val": 4})
+    params = write_params(tmp_path / "params.yaml", 16, {"channels": 4},
+                          {"steps": 10_000_000, "val_every": 3, "batch_size": 4})
+    out = tmp_path / "out"
+    proc = start_train(folder, params, out)
+    try:
+        checkpoint = wait_for(lambda: (out / "models/.checkpoints").glob("*.pt"))
+    finally:
+        returncode, err = stopped(proc, sig)
+    assert returncode == code, err
+    assert last_line(err) == (f"train: stopped by {sig.name}; {checkpoint} keeps it up to the last finished epoch: "
+                              "run the same command again to resume from there.")
+    assert "Traceback" not in err
+    left = sorted(p.relative_to(out / "models").as_posix() for p in (out / "models").rglob("*"))
+    assert left == [".checkpoints", f".checkpoints/{checkpoint.name}"], left  # no lock, no temp, no model
+    assert (out / "metrics/metrics.json").is_file()  # the epochs it logged, which the resume replays
+
+
+def test_a_train_stopped_before_its_first_epoch_leaves_no_metrics_folder(tmp_path):
+    folder = prepared(tmp_path / "prepared", 16, {"train": 12, "val": 4})
+    params = write_params(tmp_path / "params.yaml", 16, {"channels": 4},
+                          {"steps": 10_000_000, "val_every": 1_000_000, "batch_size": 4})
+    out = tmp_path / "out"
+    proc = start_train(folder, params, out)
+    try:
+        wait_for(lambda: [out / "metrics"] if (out / "metrics").is_dir() else [])  # training has started
+    finally:
+        returncode, err = stopped(proc, signal.SIGTERM)
+    assert returncode == 143, err
+    assert last_line(err) == ("train: stopped by SIGTERM; no epoch had finished, so there is nothing to resume: "
+                              "the same command starts afresh.")
+    assert not (out / "metrics").exists()
+    assert [p for p in out.rglob("*") if not p.is_dir()] == []  # no lock, checkpoint or temp file either

@@ -17,7 +17,8 @@ import argparse
 from pathlib import Path
 
 from attention_cnn.errors import UserError, exit_on_user_error
-from attention_cnn.params import VisualizeParams, load_params
+from attention_cnn.params import VisualizeParams, load_params, naming_file
+from attention_cnn.startup import start_command
 
 
 DEFAULT_MODEL = "models/model.pt"
@@ -170,8 +171,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
+    """The command line (`attention-cnn`, `python -m attention_cnn.cli`); `argv` given: a call from Python (tests,
+    a notebook), which keeps its own signal handlers."""
+    if argv is None:
+        start_command()
     args = build_parser().parse_args(argv)
-    args.run(args)
+    try:
+        args.run(args)
+    except UserError as exc:  # also the checks made later, by train, of what the params ask for
+        raise naming_file(exc, getattr(args, "params", "params.yaml")) from None
 
 
 if __name__ == "__main__":

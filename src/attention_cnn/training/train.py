@@ -16,12 +16,15 @@ Devices and DDP are in distributed.py; the memory guard of `dense` attention is 
 from __future__ import annotations
 
 import dataclasses
+import os
 import random
+import signal
+import sys
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -216,6 +219,8 @@ def _train(params: Params, ctx: Dist, prepared_dir: Path, model_path: Path, chec
         held.enter_context(run_lock(saved_at))
     state = TrainingState(params.train.patience, plan.epochs,
                           chance_ceiling=chance_ceiling(len(train_split.classes), len(val_split)))
+    if ctx.is_main:
+        held.enter_context(_say_how_to_resume(saved_at, state, metrics_dir))
     metrics = _Metrics(metrics_dir if ctx.is_main else None, round(chance_level(len(train_split.classes)), 3))
     # Rank 0's checkpoint for every rank: the other machines of a several-machine run have none on their disk.
     saved = broadcast_from_main(read_checkpoint(saved_at, run_fingerprint, say) if ctx.is_main else None, ctx)
@@ -252,6 +257,46 @@ def _train(params: Params, ctx: Dist, prepared_dir: Path, model_path: Path, chec
                        epochs_run=len(state.history),
                        stopped_early=len(state.history) < plan.epochs, resumed_from=resumed_from,
                        history=state.history, model_path=written)
+
+
+@contextmanager
+def _say_how_to_resume(saved_at: Path, state: TrainingState, metrics_dir: Path | str | None) -> Iterator[None]:
+    """A run stopped by Ctrl-C or a signal (SIGTERM: `kill`, a cancelled Slurm job) says in one line what it leaves
+    and how to resume, and removes the metrics folder it created when no epoch was logged into it. Its lock goes
+    with run_lock, and the checkpoint stays for the resume."""
+    created = None
+    if metrics_dir is not None:
+        created = Path(os.path.abspath(metrics_dir))
+        while not created.parent.exists():
+            created = created.parent  # the outermost folder this run will create
+        created = None if created.exists() else created
+    try:
+        yield
+    except (KeyboardInterrupt, SystemExit) as stop:
+        code = 130 if isinstance(stop, KeyboardInterrupt) else stop.code
+        by = signal.Signals(code - 128).name if isinstance(code, int) and 128 < code < 128 + signal.NSIG else None
+        if by is not None:
+            if state.history and saved_at.is_file():
+                what = (f"{saved_at} keeps it up to the last finished epoch: run the same command again to resume "
+                        "from there")
+            else:
+                what = "no epoch had finished, so there is nothing to resume: the same command starts afresh"
+            for bar in list(getattr(tqdm, "_instances", ())):
+                bar.close()  # the epoch's bar (leave=False) is cleared: this line is the last one on the terminal
+            print(f"train: stopped by {by}; {what}.", file=sys.stderr, flush=True)
+            _remove_empty_folders(Path(os.path.abspath(metrics_dir)) if metrics_dir is not None else None, created)
+        raise
+
+
+def _remove_empty_folders(folder: Path | None, top: Path | None) -> None:
+    """rmdir `folder` and its parents up to `top`, while empty: what a stopped run created and wrote nothing into."""
+    if folder is None or top is None:
+        return
+    while folder.is_dir() and not any(folder.iterdir()) and (folder == top or top in folder.parents):
+        folder.rmdir()
+        if folder == top:
+            return
+        folder = folder.parent
 
 
 def _passes(plan: Plan) -> str:
