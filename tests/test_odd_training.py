@@ -6,6 +6,7 @@ nothing here depends on the CPU's float rounding."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -22,8 +23,8 @@ from attention_cnn.metrics import (SMALL_DATA_SECTION, chance_ceiling, near_chan
                                    too_few_to_tell)
 from attention_cnn.params import parse_params
 from attention_cnn.training.schedule import EpochResult, TrainingState, plan_training
-from test_everyday_workflow import ENV, wait_for
-from test_safety import assert_one_line_error
+from test_everyday_workflow import ENV, run_clean, wait_for
+from test_safety import assert_one_line_error, run_cli, snapshot
 
 CLASSES = ["forest", "sea"]
 
@@ -103,7 +104,7 @@ def test_the_dense_layer_that_was_killed_for_memory_is_refused_in_one_line(tmp_p
     params = write_params(tmp_path / "params.yaml", 250, {"attention": "dense", "channels": 32}, {"batch_size": 4})
     done = cli_train(folder, params, tmp_path / "out")
     assert done.returncode == 2
-    assert_one_line_error(done.stderr, "'model.attention' dense at img_size=250", "34.1 GB",
+    assert_one_line_error(done.stderr, f"{params}: 'model.attention' dense at img_size=250", "34.1 GB",
                           "model.attention=conv")
     assert not (tmp_path / "out").exists()
 
@@ -275,3 +276,74 @@ def test_a_train_stopped_before_its_first_epoch_leaves_no_metrics_folder(tmp_pat
                               "the same command starts afresh.")
     assert not (out / "metrics").exists()
     assert [p for p in out.rglob("*") if not p.is_dir()] == []  # no lock, checkpoint or temp file either
+
+
+# ---------------------------------------------------------------------------- clean
+
+
+def test_clean_keeps_what_it_did_not_write_and_removes_a_killed_runs_lock(tmp_path, capsys, monkeypatch):
+    """A real run killed with SIGKILL (its lock file stays, with its PID), plus things under checkpoint names
+    that training never writes. `clean --yes` removes the lock and a checkpoint of other params only."""
+    folder = prepared(tmp_path / "data/prepared", 16, {"train": 12, "val": 4})
+    params = write_params(tmp_path / "params.yaml", 16, {"channels": 4},
+                          {"steps": 10_000_000, "val_every": 3, "batch_size": 4})
+    proc = start_train(folder, params, tmp_path)
+    try:
+        current = wait_for(lambda: (tmp_path / "models/.checkpoints").glob("*.pt"))
+    finally:
+        proc.kill()  # as the kernel's OOM killer does: nothing runs after it
+        proc.communicate()
+    checkpoints = current.parent
+    lock = current.with_suffix(".lock")
+    assert lock.read_text().strip() == str(proc.pid)
+    other = checkpoints / "0123456789abcdef.pt"
+    other.write_bytes(b"a checkpoint of other params")
+    kept = {checkpoints / "fedcba9876543210.pt": "folder", checkpoints / "1111111111111111.pt": "link",
+            checkpoints / "2222222222222222.lock": "live", checkpoints / "3333333333333333.lock": "not a pid"}
+    (checkpoints / "fedcba9876543210.pt").mkdir()
+    (checkpoints / "fedcba9876543210.pt/thesis.txt").write_text("precious")
+    (checkpoints / "1111111111111111.pt").symlink_to(tmp_path / "params.yaml")
+    (checkpoints / "2222222222222222.lock").write_text(f"{os.getpid()}\n")  # a live process: this one
+    (checkpoints / "3333333333333333.lock").write_text("notes\n")
+    before = snapshot(checkpoints)
+    monkeypatch.chdir(tmp_path)
+    code, out = run_clean(capsys, "--yes")
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[:2] == [f"clean: kept models/.checkpoints/1111111111111111.pt: a link, not a file training writes",
+                         f"clean: kept models/.checkpoints/fedcba9876543210.pt: a folder, not a file training writes"]
+    assert lines[2] == "clean: removing:"
+    removed = {line.split()[0]: line for line in lines[3:-1]}
+    assert sorted(removed) == ["models/.checkpoints/0123456789abcdef.pt", f"models/.checkpoints/{lock.name}"]
+    assert f"a killed run's lock (process {proc.pid} is gone)" in removed[f"models/.checkpoints/{lock.name}"]
+    assert lines[-1].startswith("clean: freed ") and lines[-1].endswith(" in 2 items.")
+    assert not lock.exists() and not other.exists()
+    assert current.is_file()  # the current checkpoint stays: the next run resumes it
+    assert snapshot(checkpoints) == {k: v for k, v in before.items() if k not in (lock.name, other.name)}
+    assert (checkpoints / "1111111111111111.pt").is_symlink()
+
+
+def test_clean_with_invalid_params_is_an_error_naming_the_file(tmp_path, capsys, monkeypatch):
+    (tmp_path / "models/.checkpoints").mkdir(parents=True)
+    checkpoint = tmp_path / "models/.checkpoints/0123456789abcdef.pt"
+    checkpoint.write_bytes(b"kept")
+    other = tmp_path / "other.yaml"
+    other.write_text(yaml.safe_dump({"train": {"lr": -1}}))
+    monkeypatch.chdir(tmp_path)
+    code, err = run_cli(capsys, "clean", "--yes", "--params", "other.yaml")
+    assert code == 2
+    assert_one_line_error(err, "error: other.yaml: 'train.lr' must be a number > 0.0", "Fix it in other.yaml")
+    assert "params.yaml" not in err and checkpoint.read_bytes() == b"kept"
+
+
+# ---------------------------------------------------------------------------- --params FILE
+
+
+def test_errors_about_a_key_name_the_params_file_given(tmp_path):
+    folder = prepared(tmp_path / "prepared", 16, {"train": 4, "val": 2})
+    bad = tmp_path / "other.yaml"
+    bad.write_text(yaml.safe_dump({"img_size": 16, "model": {"attention": "dense", "channels": "many"}}))
+    done = cli_train(folder, bad, tmp_path / "out")
+    assert done.returncode == 2
+    assert_one_line_error(done.stderr, f"error: {bad}: 'model.channels' must be an integer", f"Fix it in {bad}")
+    assert "params.yaml" not in done.stderr and not (tmp_path / "out").exists()
