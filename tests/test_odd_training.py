@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,8 +24,9 @@ from attention_cnn.metrics import (SMALL_DATA_SECTION, chance_ceiling, near_chan
                                    too_few_to_tell)
 from attention_cnn.params import parse_params
 from attention_cnn.training.schedule import EpochResult, TrainingState, plan_training
+from e2e import REPO
 from test_everyday_workflow import ENV, run_clean, wait_for
-from test_safety import assert_one_line_error, run_cli, snapshot
+from test_safety import assert_one_line_error, run_cli, snapshot, workspace  # noqa: F401 (a fixture)
 
 CLASSES = ["forest", "sea"]
 
@@ -347,3 +349,24 @@ def test_errors_about_a_key_name_the_params_file_given(tmp_path):
     assert done.returncode == 2
     assert_one_line_error(done.stderr, f"error: {bad}: 'model.channels' must be an integer", f"Fix it in {bad}")
     assert "params.yaml" not in done.stderr and not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------- evaluate's warning
+
+
+def test_attention_cnn_evaluate_warns_as_the_stage_does(workspace, tmp_path):
+    """An untrained model: the stage script and `attention-cnn evaluate` print the same lines, warning included."""
+    repo = tmp_path / "repo"
+    shutil.copytree(workspace, repo)
+    printed = {}
+    for name, argv in (("stage", [str(REPO / "stages/evaluate.py")]), ("cli", ["-m", "attention_cnn.cli", "evaluate"])):
+        shutil.rmtree(repo / "metrics", ignore_errors=True)
+        shutil.rmtree(repo / "output", ignore_errors=True)
+        done = subprocess.run([sys.executable, *argv], cwd=repo, env={**ENV, "OMP_NUM_THREADS": "1"},
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        assert (repo / "metrics/evaluate/metrics.json").is_file()
+        printed[name] = [line for line in done.stdout.splitlines() if line.startswith(("evaluate: test", "warning:"))]
+    assert printed["cli"] == printed["stage"]
+    assert printed["stage"][0].startswith("evaluate: test accuracy ")
+    assert len(printed["stage"]) == 2 and printed["stage"][1].startswith("warning: test accuracy ")

@@ -70,8 +70,8 @@ def _evaluate(args: argparse.Namespace) -> None:
     _check_given_model(args.model)
     result = evaluate(load_params(args.params), prepared_dir=args.prepared, model_path=args.model,
                       metrics_dir=args.metrics_dir, out_dir=args.out)
-    print(f"evaluate: accuracy {result.metrics['accuracy']:.4f}, macro F1 {result.metrics['macro/f1']:.4f} "
-          f"-> {args.metrics_dir}/metrics.json, {args.out}/")
+    print("\n".join(result.summary()))  # what the stage prints
+    print(f"evaluate: wrote {args.metrics_dir}/metrics.json, {args.out}/")
 
 
 def _visualize(args: argparse.Namespace) -> None:
