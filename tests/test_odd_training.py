@@ -18,6 +18,7 @@ import pytest
 import torch
 import yaml
 
+from attention_cnn.cli import main
 from attention_cnn.data.prepared import PreparedSplit, save_split
 from attention_cnn.memory import available_memory_bytes, dense_attention_bytes
 from attention_cnn.metrics import (SMALL_DATA_SECTION, chance_ceiling, near_chance, not_learned_warning,
@@ -27,6 +28,7 @@ from attention_cnn.training.schedule import EpochResult, TrainingState, plan_tra
 from e2e import REPO
 from test_everyday_workflow import ENV, run_clean, wait_for
 from test_safety import assert_one_line_error, run_cli, snapshot, workspace  # noqa: F401 (a fixture)
+from test_train import one_thread  # noqa: F401 (an autouse fixture: one thread)
 
 CLASSES = ["forest", "sea"]
 
@@ -49,14 +51,20 @@ def write_params(path: Path, img_size: int, model: dict, train: dict) -> Path:
     return path
 
 
-def cli_train(folder: Path, params: Path, out: Path, *, wrapper: str | None = None,
-              timeout: float = 120) -> subprocess.CompletedProcess:
-    """`python -m attention_cnn.cli train` (or `wrapper` running the same argv) in its own process."""
-    argv = ["train", "--params", str(params), "--prepared", str(folder), "--model", str(out / "models/model.pt"),
+def train_argv(folder: Path, params: Path, out: Path) -> list[str]:
+    return ["train", "--params", str(params), "--prepared", str(folder), "--model", str(out / "models/model.pt"),
             "--metrics-dir", str(out / "metrics")]
-    start = ["-c", wrapper] if wrapper else ["-m", "attention_cnn.cli"]
-    return subprocess.run([sys.executable, *start, *argv], env={**ENV, "OMP_NUM_THREADS": "1"},
-                          capture_output=True, text=True, timeout=timeout)
+
+
+def cli_train(capsys, folder: Path, params: Path, out: Path) -> tuple[int, str, str]:
+    """`attention-cnn train` in this process (no second torch import); its exit code, stdout and stderr."""
+    try:
+        main(train_argv(folder, params, out))
+        code = 0
+    except SystemExit as exit_info:
+        code = exit_info.code
+    printed = capsys.readouterr()
+    return code, printed.out, printed.err
 
 
 # ---------------------------------------------------------------------------- dense: the guard's estimate
@@ -94,7 +102,7 @@ def test_the_dense_guard_bounds_what_training_really_takes(tmp_path):
     assert added >= 0.6 * estimate, f"dense added {added / 1e6:.0f} MB, the guard expects {estimate / 1e6:.0f}"
 
 
-def test_the_dense_layer_that_was_killed_for_memory_is_refused_in_one_line(tmp_path):
+def test_the_dense_layer_that_was_killed_for_memory_is_refused_in_one_line(tmp_path, capsys):
     """img_size 250, dense, 32 channels: 945 million weights. The guard used to say 15.2 GB while training took
     over 24 GB and was killed; now it asks for 34.1 GB, before anything is allocated or written."""
     available, _ = available_memory_bytes("cpu")
@@ -104,9 +112,9 @@ def test_the_dense_layer_that_was_killed_for_memory_is_refused_in_one_line(tmp_p
         pytest.skip(f"this machine has {available / 1e9:.0f} GB available: the layer fits here")
     folder = prepared(tmp_path / "prepared", 250, {"train": 4, "val": 2})
     params = write_params(tmp_path / "params.yaml", 250, {"attention": "dense", "channels": 32}, {"batch_size": 4})
-    done = cli_train(folder, params, tmp_path / "out")
-    assert done.returncode == 2
-    assert_one_line_error(done.stderr, f"{params}: 'model.attention' dense at img_size=250", "34.1 GB",
+    code, _, err = cli_train(capsys, folder, params, tmp_path / "out")
+    assert code == 2
+    assert_one_line_error(err, f"{params}: 'model.attention' dense at img_size=250", "34.1 GB",
                           "model.attention=conv")
     assert not (tmp_path / "out").exists()
 
@@ -138,7 +146,7 @@ def test_a_perfect_score_on_a_tiny_split_is_never_at_chance():
     assert state.stopping_early and state.best_epoch == state.last_progress_epoch == 2
 
 
-def test_a_model_that_separates_a_tiny_val_split_is_not_told_it_did_not_learn(tmp_path):
+def test_a_model_that_separates_a_tiny_val_split_is_not_told_it_did_not_learn(tmp_path, capsys):
     """Black images against white ones, 6 val images: any CPU's training gets every one right."""
     folder = prepared(tmp_path / "prepared", 16, {"train": 12, "val": 6})
     for split in ("train", "val"):  # class 0 black, class 1 white
@@ -147,10 +155,10 @@ def test_a_model_that_separates_a_tiny_val_split_is_not_told_it_did_not_learn(tm
         torch.save(blob, folder / f"{split}.pt")
     params = write_params(tmp_path / "params.yaml", 16, {"channels": 4},
                           {"steps": 48, "val_every": 12, "batch_size": 4, "lr": 0.01})
-    done = cli_train(folder, params, tmp_path / "out")
-    assert done.returncode == 0, done.stderr
-    assert "best val accuracy 1.0000" in done.stdout, done.stdout
-    assert "warning" not in done.stdout + done.stderr and "did not learn" not in done.stdout
+    code, out, err = cli_train(capsys, folder, params, tmp_path / "out")
+    assert code == 0, err
+    assert "best val accuracy 1.0000" in out, out
+    assert "warning" not in out + err and "did not learn" not in out
     assert (tmp_path / "out/models/model.pt").is_file()
 
 
@@ -179,44 +187,32 @@ def test_explicit_epochs_are_whole_passes_whatever_train_steps():
     assert (plan.epochs, plan.steps, plan.pass_steps(3)) == (3, 9, [3])
 
 
-COUNTED_STEPS = """import json, sys, torch
-from attention_cnn.cli import main
-counted, step = [0], torch.optim.Adam.step
-def counting(self, *args, **kwargs):
-    counted[0] += 1
-    return step(self, *args, **kwargs)
-torch.optim.Adam.step = counting
-steps = []
-for argv in json.loads(sys.argv[1]):
-    counted[0] = 0
-    main(argv)
-    steps.append(counted[0])
-print(json.dumps(steps))
-"""
-
-
-def test_a_real_run_makes_train_steps_optimizer_steps(tmp_path):
+def test_a_real_run_makes_train_steps_optimizer_steps(tmp_path, capsys, monkeypatch):
     """12 training images in batches of 4: 3 steps a pass. The optimizer's steps are counted as torch makes them."""
+    counted, step = [], torch.optim.Adam.step
+
+    def counting(self, *args, **kwargs):
+        counted.append(1)
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", counting)
     folder = prepared(tmp_path / "prepared", 16, {"train": 12, "val": 4})
-    runs = []
-    for steps, val_every in ((1, 40), (5, 1_000_000), (7, 3)):
+    plans = {}
+    for steps, val_every, epochs in ((1, 40, 1), (5, 1_000_000, 1), (7, 3, 3)):
         params = write_params(tmp_path / f"{steps}.yaml", 16, {"channels": 4},
                               {"steps": steps, "val_every": val_every, "batch_size": 4})
-        runs.append(["train", "--params", str(params), "--prepared", str(folder),
-                     "--model", str(tmp_path / f"{steps}/model.pt"), "--metrics-dir", str(tmp_path / f"{steps}/m")])
-    done = subprocess.run([sys.executable, "-c", COUNTED_STEPS, json.dumps(runs)], env={**ENV, "OMP_NUM_THREADS": "1"},
-                          capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout.splitlines()[-1]) == [1, 5, 7]
-    plans = [line for line in done.stdout.splitlines() if line.startswith("train: ")]
-    assert plans == [
-        "train: 1 epoch of 1 steps (1 of a pass's 3 steps over 12 images), 1 steps in all (train.steps=1).",
-        "train: 1 epoch of 5 steps (1 pass and 2 steps over 12 images), 5 steps in all (train.steps=5).",
-        "train: 3 epochs of 3 steps (1 pass over 12 images), 7 steps in all (train.steps=7)."]
-    for steps in (1, 5, 7):
-        assert (tmp_path / f"{steps}/model.pt").is_file()
-        epochs = json.loads((tmp_path / f"{steps}/m/metrics.json").read_text())
-        assert epochs["step"] == {1: 0, 5: 0, 7: 2}[steps]  # DVCLive's last step: one per epoch, from 0
+        counted.clear()
+        code, out, err = cli_train(capsys, folder, params, tmp_path / str(steps))
+        assert code == 0, err
+        assert len(counted) == steps
+        plans[steps] = [line for line in out.splitlines() if line.startswith("train: ")]
+        assert (tmp_path / f"{steps}/models/model.pt").is_file()
+        logged = json.loads((tmp_path / f"{steps}/metrics/metrics.json").read_text())
+        assert logged["step"] == epochs - 1  # DVCLive's last step: one per epoch, from 0
+    assert plans == {
+        1: ["train: 1 epoch of 1 steps (1 of a pass's 3 steps over 12 images), 1 steps in all (train.steps=1)."],
+        5: ["train: 1 epoch of 5 steps (1 pass and 2 steps over 12 images), 5 steps in all (train.steps=5)."],
+        7: ["train: 3 epochs of 3 steps (1 pass over 12 images), 7 steps in all (train.steps=7)."]}
 
 
 # ---------------------------------------------------------------------------- SIGTERM and Ctrl-C
@@ -341,14 +337,14 @@ def test_clean_with_invalid_params_is_an_error_naming_the_file(tmp_path, capsys,
 # ---------------------------------------------------------------------------- --params FILE
 
 
-def test_errors_about_a_key_name_the_params_file_given(tmp_path):
+def test_errors_about_a_key_name_the_params_file_given(tmp_path, capsys):
     folder = prepared(tmp_path / "prepared", 16, {"train": 4, "val": 2})
     bad = tmp_path / "other.yaml"
     bad.write_text(yaml.safe_dump({"img_size": 16, "model": {"attention": "dense", "channels": "many"}}))
-    done = cli_train(folder, bad, tmp_path / "out")
-    assert done.returncode == 2
-    assert_one_line_error(done.stderr, f"error: {bad}: 'model.channels' must be an integer", f"Fix it in {bad}")
-    assert "params.yaml" not in done.stderr and not (tmp_path / "out").exists()
+    code, _, err = cli_train(capsys, folder, bad, tmp_path / "out")
+    assert code == 2
+    assert_one_line_error(err, f"error: {bad}: 'model.channels' must be an integer", f"Fix it in {bad}")
+    assert "params.yaml" not in err and not (tmp_path / "out").exists()
 
 
 # ---------------------------------------------------------------------------- evaluate's warning
@@ -358,6 +354,9 @@ def test_attention_cnn_evaluate_warns_as_the_stage_does(workspace, tmp_path):
     """An untrained model: the stage script and `attention-cnn evaluate` print the same lines, warning included."""
     repo = tmp_path / "repo"
     shutil.copytree(workspace, repo)
+    raw = yaml.safe_load((repo / "params.yaml").read_text())
+    raw["evaluate"].update(methods=["mask"], sanity_images=0, figures=0)  # the warning is what is tested
+    (repo / "params.yaml").write_text(yaml.safe_dump(raw))
     printed = {}
     for name, argv in (("stage", [str(REPO / "stages/evaluate.py")]), ("cli", ["-m", "attention_cnn.cli", "evaluate"])):
         shutil.rmtree(repo / "metrics", ignore_errors=True)
