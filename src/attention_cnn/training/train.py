@@ -281,10 +281,13 @@ def _say_how_to_resume(saved_at: Path, state: TrainingState, metrics_dir: Path |
                         "from there")
             else:
                 what = "no epoch had finished, so there is nothing to resume: the same command starts afresh"
-            for bar in list(getattr(tqdm, "_instances", ())):
-                bar.close()  # the epoch's bar (leave=False) is cleared: this line is the last one on the terminal
-            print(f"train: stopped by {by}; {what}.", file=sys.stderr, flush=True)
             _remove_empty_folders(Path(os.path.abspath(metrics_dir)) if metrics_dir is not None else None, created)
+            try:
+                for bar in list(getattr(tqdm, "_instances", ())):
+                    bar.close()  # the epoch's bar (leave=False) is cleared: this line is the last on the terminal
+                print(f"train: stopped by {by}; {what}.", file=sys.stderr, flush=True)
+            except OSError:  # no one to tell: the terminal or dvc's pipe went with the parent that was killed
+                pass
         raise
 
 
