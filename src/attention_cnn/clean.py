@@ -128,7 +128,10 @@ def clean(root: Path | str = ".", params_path: Path | str = "params.yaml", prepa
     for item in found:
         print(f"  {str(item.path):<{width}}  {_mib(item.size):>11}  {item.reason}")
         if remove:
-            if _CHECKPOINT.match(item.path.name) or _LOCK.match(item.path.name):
+            if _LOCK.match(item.path.name):
+                if _stale_lock(item.path) is not None:  # again: a new run may have taken it since the listing
+                    item.path.unlink(missing_ok=True)
+            elif _CHECKPOINT.match(item.path.name):
                 item.path.unlink(missing_ok=True)
             else:
                 remove_temp(item.path)
