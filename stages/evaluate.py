@@ -6,7 +6,6 @@ start_stage()  # before torch: one line when this Python lacks the packages; end
 
 from attention_cnn.errors import exit_on_user_error  # noqa: E402
 from attention_cnn.evaluate import evaluate  # noqa: E402
-from attention_cnn.metrics import not_learned_warning  # noqa: E402
 from attention_cnn.params import load_params  # noqa: E402
 
 
@@ -15,11 +14,7 @@ def main() -> None:
     params = load_params()
     result = evaluate(params, prepared_dir="data/prepared", model_path="models/model.pt",
                       metrics_dir="metrics/evaluate", out_dir="output/evaluate")
-    print(f"evaluate: test accuracy {result.metrics['accuracy']:.4f}, macro F1 {result.metrics['macro/f1']:.4f}")
-    report = result.report
-    warning = not_learned_warning("test accuracy", report.accuracy, len(report.per_class), len(report.predictions))
-    if warning:
-        print(warning)
+    print("\n".join(result.summary()))
 
 
 if __name__ == "__main__":

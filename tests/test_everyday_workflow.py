@@ -221,7 +221,7 @@ def test_a_second_training_run_of_the_same_fingerprint_is_refused_then_clean_lis
     assert code == 0
     out = out.splitlines()
     killed_mid_write = sorted((tmp_path / "models/.checkpoints").glob(f"*.tmp-{first.pid}-*"))  # rarely one
-    listed = [f"data/{raw_folder.name}", f"models/.checkpoints/{half.name}",
+    listed = [f"data/{raw_folder.name}", f"models/.checkpoints/{half.name}", str(lock),  # its process is gone
               *[f"models/.checkpoints/{p.name}" for p in killed_mid_write]]
     assert out[0] == "clean: would remove (a dry run; `attention-cnn clean --yes` removes):"
     assert sorted(line.split()[0] for line in out[1:-1]) == sorted(listed)

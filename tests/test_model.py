@@ -137,7 +137,7 @@ def test_conv_is_the_seed_formula_with_weights_shared_across_positions():
 
 def test_dense_refuses_the_seed_config_at_150px_before_allocating():
     needed = dense_attention_bytes(channels=128, img_size=150)
-    assert 1.72e9 * 16 < needed < 1.72e9 * 16 * 1.01  # 41,472^2 weights, 16 bytes each with Adam (+ activations)
+    assert 1.72e9 * 36 < needed < 1.72e9 * 36 * 1.01  # 41,472^2 weights, 36 bytes each with Adam (+ activations)
     available, _ = available_memory_bytes("cpu")
     if needed <= available:
         pytest.skip(f"this machine has {available / 1e9:.0f} GB available: the seed's layer fits here")
@@ -146,7 +146,7 @@ def test_dense_refuses_the_seed_config_at_150px_before_allocating():
         check_model_fits(ModelParams(attention="dense", channels=128), 150)
     assert time.perf_counter() - started < 1.0
     message = str(err.value)
-    assert "27.6 GB" in message and "model.attention=conv" in message and "1.72 billion weights" in message
+    assert "62.0 GB" in message and "model.attention=conv" in message and "1.72 billion weights" in message
 
 
 def test_dense_refuses_what_no_machine_holds_and_accepts_what_fits():
@@ -154,7 +154,7 @@ def test_dense_refuses_what_no_machine_holds_and_accepts_what_fits():
         check_dense_fits(channels=1024, img_size=1024)  # 1.7e13 weights
     check_dense_fits(channels=8, img_size=32)  # 128 x 128 weights: fits anywhere
     check_model_fits(ModelParams(attention="conv", channels=1024), 1024)  # C^2 weights at any size
-    # Holding a trained layer for prediction needs the weights only: 4 bytes each, not 16.
+    # Holding a trained layer for prediction needs the weights only: 4 bytes each, not 36.
     assert dense_attention_bytes(8, 32, training=False) == (128 * 128 + 2 * 128) * 4
 
 

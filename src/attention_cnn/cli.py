@@ -17,7 +17,8 @@ import argparse
 from pathlib import Path
 
 from attention_cnn.errors import UserError, exit_on_user_error
-from attention_cnn.params import VisualizeParams, load_params
+from attention_cnn.params import VisualizeParams, load_params, naming_file
+from attention_cnn.startup import start_command
 
 
 DEFAULT_MODEL = "models/model.pt"
@@ -69,8 +70,8 @@ def _evaluate(args: argparse.Namespace) -> None:
     _check_given_model(args.model)
     result = evaluate(load_params(args.params), prepared_dir=args.prepared, model_path=args.model,
                       metrics_dir=args.metrics_dir, out_dir=args.out)
-    print(f"evaluate: accuracy {result.metrics['accuracy']:.4f}, macro F1 {result.metrics['macro/f1']:.4f} "
-          f"-> {args.metrics_dir}/metrics.json, {args.out}/")
+    print("\n".join(result.summary()))  # what the stage prints
+    print(f"evaluate: wrote {args.metrics_dir}/metrics.json, {args.out}/")
 
 
 def _visualize(args: argparse.Namespace) -> None:
@@ -170,8 +171,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
+    """The command line (`attention-cnn`, `python -m attention_cnn.cli`); `argv` given: a call from Python (tests,
+    a notebook), which keeps its own signal handlers."""
+    if argv is None:
+        start_command()
     args = build_parser().parse_args(argv)
-    args.run(args)
+    try:
+        args.run(args)
+    except UserError as exc:  # also the checks made later, by train, of what the params ask for
+        raise naming_file(exc, getattr(args, "params", "params.yaml")) from None
 
 
 if __name__ == "__main__":

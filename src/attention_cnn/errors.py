@@ -12,7 +12,8 @@ class UserError(Exception):
 
 
 def exit_on_user_error(main: Callable[..., None]) -> Callable[..., None]:
-    """Wrap a stage or CLI entry point: a UserError prints `error: ...` to stderr and exits with status 2."""
+    """Wrap a stage or CLI entry point: a UserError prints `error: ...` to stderr and exits with status 2; Ctrl-C
+    exits with 130, as the shell reports a SIGINT, without a traceback (what was stopped says so itself)."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
@@ -21,5 +22,7 @@ def exit_on_user_error(main: Callable[..., None]) -> Callable[..., None]:
         except UserError as exc:
             print(f"error: {exc}", file=sys.stderr)
             sys.exit(2)
+        except KeyboardInterrupt:
+            sys.exit(130)
 
     return wrapper

@@ -35,7 +35,7 @@ from attention_cnn.explain.scoring import Scored, build_methods, score_methods
 from attention_cnn.figures import draw_gallery, numbered_name, prediction_label
 from attention_cnn.inference import (check_model_matches, images_to_float, load_for_inference, model_device,
                                      predict_logits, spread_over_classes)
-from attention_cnn.metrics import ClassificationReport, chance_level, classification_report
+from attention_cnn.metrics import ClassificationReport, chance_level, classification_report, not_learned_warning
 from attention_cnn.params import Params
 
 GALLERY_SIZE = 24
@@ -51,6 +51,15 @@ class EvaluateResult:
     explained: dict                     # output/evaluate/explain.json: every score with its interval
     metrics: dict[str, float]           # every number, flat: report.as_metrics() and maps/<method>/<score>
     headline: dict[str, float]          # what metrics_dir/metrics.json holds
+
+    def summary(self) -> list[str]:
+        """What the stage and `attention-cnn evaluate` print: the headline numbers and, when the model is no
+        better than guessing, the same warning train prints."""
+        report = self.report
+        lines = [f"evaluate: test accuracy {report.accuracy:.4f}, macro F1 {report.macro_f1:.4f}"]
+        warning = not_learned_warning("test accuracy", report.accuracy, len(report.per_class),
+                                      len(report.predictions))
+        return lines + ([warning] if warning else [])
 
 
 def explain_subset(model, images: torch.Tensor, masks: torch.Tensor | None, params: Params) -> Scored:

@@ -16,8 +16,15 @@ import torch
 from attention_cnn.errors import UserError
 from attention_cnn.params import ModelParams
 
-# Training a weight with Adam in fp32 keeps 4 copies of it: the weight, its gradient, and Adam's two moments.
-TRAIN_BYTES_PER_WEIGHT = 16
+# Bytes a weight of the layer costs to train with Adam in fp32, an upper bound of what training really takes. At the
+# peak, inside the optimizer step, 8 fp32 tensors of the layer's size are alive: the weight, its gradient, Adam's
+# two moments; the step's temporaries (torch's Adam on CPU makes gradient + weight_decay * weight, sqrt(second
+# moment) and the denominator as new tensors); and the host copy of the best epoch's weights. That is 32 bytes;
+# a ninth copy allows for the allocator, which keeps freed memory for reuse (epoch.reuse_freed_host_memory) and
+# cannot always fit a new copy into the holes. `attention-cnn train` measures 33 on CPU
+# (tests/test_odd_training.py checks the bound). On CUDA the fused Adam makes no temporaries, and the bf16
+# copies that autocast makes of the weight and its gradient stay below the same bound.
+TRAIN_BYTES_PER_WEIGHT = 36
 INFER_BYTES_PER_WEIGHT = 4
 
 
@@ -57,7 +64,8 @@ def dense_attention_bytes(channels: int, img_size: int, batch_size: int = 64, tr
     num_weights = num_features * num_features + 2 * num_features
     if not training:
         return num_weights * INFER_BYTES_PER_WEIGHT
-    # Activations kept for backward: the input, W x + b, its ReLU, the sigmoid, and their gradients (fp32).
+    # Activations kept for backward: the input, W x + b, its ReLU, the sigmoid, and their gradients (fp32): a few
+    # MB beside the weights' copies, whose size does not depend on the batch.
     activations = 8 * batch_size * num_features * 4
     return num_weights * TRAIN_BYTES_PER_WEIGHT + activations
 

@@ -145,11 +145,26 @@ def chance_level(num_classes: int) -> float:
     return 1.0 / num_classes
 
 
+# The one-sided tail beyond 3 standard errors: how rarely luck alone may explain an accuracy.
+LUCK = 0.00135
+
+
+def too_few_to_tell(num_classes: int, count: int) -> bool:
+    """True when a guesser gets all `count` images right more often than LUCK (2 classes: up to 9 images), so that
+    no score on them can tell a model that learned from one that guesses."""
+    return chance_level(num_classes) ** max(count, 1) > LUCK
+
+
 def chance_ceiling(num_classes: int, count: int) -> float:
     """The highest accuracy over `count` images still within a few points of chance: 5 points, or 3 standard
-    errors of a guesser's accuracy on so few images (a best-of-many val accuracy drifts up by luck alone)."""
+    errors of a guesser's accuracy on so few images (a best-of-many val accuracy drifts up by luck alone).
+    Always half an image below a perfect score: on a tiny split 3 standard errors reach past 1 (0.5 + 3 *
+    sqrt(0.25 / 6) = 1.11 for 2 classes and 6 images), and a model that gets every image right must not be
+    called one that did not learn, nor have its patience never counted. Half an image, so that
+    accuracy = correct / count compares the same on any CPU."""
+    count = max(count, 1)
     p = chance_level(num_classes)
-    return p + max(0.05, 3 * (p * (1 - p) / max(count, 1)) ** 0.5)
+    return min(p + max(0.05, 3 * (p * (1 - p) / count) ** 0.5), (count - 0.5) / count)
 
 
 def near_chance(accuracy: float, num_classes: int, count: int) -> bool:
@@ -160,5 +175,10 @@ def not_learned_warning(what: str, accuracy: float, num_classes: int, count: int
     """The one `warning:` line train and evaluate print when a model is no better than guessing, else None."""
     if not near_chance(accuracy, num_classes, count):
         return None
+    if too_few_to_tell(num_classes, count):  # "did not learn" would be a guess too
+        return (f"warning: {what} {accuracy:.3f} on {count} images is within what guessing reaches "
+                f"({chance_level(num_classes):.3f} for {num_classes} classes): too few images to tell whether the "
+                f"model learned. Give the split more images (data.val_fraction, data.test_fraction, or a bigger "
+                f"folder). See {SMALL_DATA_SECTION}.")
     return (f"warning: {what} {accuracy:.3f} is about chance ({chance_level(num_classes):.3f} for {num_classes} "
             f"classes, {count} images): the model did not learn. See {SMALL_DATA_SECTION}.")

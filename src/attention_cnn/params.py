@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -351,6 +352,17 @@ def _check_source(source: str) -> None:
                           f"absolute path: `dvc exp run -S data.source=/path/to/{Path(source).name}`.")
 
 
+_DEFAULT_FILE = re.compile(r"(?<![\w./-])params\.yaml(?![\w.-])")  # the word, not a path that ends in it
+
+
+def naming_file(exc: UserError, path: Path | str) -> UserError:
+    """`exc` with its message naming `path` where it names params.yaml: the checks speak of params.yaml, the file
+    the stages read, but `attention-cnn --params FILE` reads another one, and its errors must name that."""
+    if Path(path) == Path("params.yaml") or not _DEFAULT_FILE.search(str(exc)):
+        return exc
+    return type(exc)(_DEFAULT_FILE.sub(lambda _: str(path), str(exc)))
+
+
 def load_params(path: Path | str = "params.yaml") -> Params:
     """Read and validate params.yaml. Raises ParamsError naming the key at fault."""
     path = Path(path)
@@ -361,4 +373,7 @@ def load_params(path: Path | str = "params.yaml") -> Params:
             raw = yaml.load(f, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as exc:
         raise ParamsError(f"{path}: not valid YAML ({exc}).") from exc
-    return parse_params(raw)
+    try:
+        return parse_params(raw)
+    except ParamsError as exc:
+        raise naming_file(exc, path) from None

@@ -83,13 +83,28 @@ def exit_with_parent() -> None:
     threading.Thread(target=_watch_parent, args=(parent, owner), daemon=True, name="exit-with-parent").start()
 
 
-def start_stage() -> None:
-    """Call first in every stage script, before any other import of the project."""
+def _exit_if_packages_missing(what: str) -> None:
     missing = missing_packages()
     if missing:
-        script = os.path.relpath(sys.argv[0]) if sys.argv and sys.argv[0] else "this stage"
-        print(f"error: {script}: this Python ({sys.executable}) lacks {', '.join(missing)}, the project's "
+        print(f"error: {what}: this Python ({sys.executable}) lacks {', '.join(missing)}, the project's "
               "dependencies. Activate the project's environment first: `source .venv/bin/activate` (`make install` "
               "creates it), then run again.", file=sys.stderr)
         sys.exit(2)
+
+
+def start_stage() -> None:
+    """Call first in every stage script, before any other import of the project."""
+    _exit_if_packages_missing(os.path.relpath(sys.argv[0]) if sys.argv and sys.argv[0] else "this stage")
     exit_with_parent()
+
+
+def start_command() -> None:
+    """Call first in `attention-cnn`: a stage's start, with SIGTERM (a cancelled Slurm job, `kill`) a clean exit
+    as Ctrl-C is. It ends with its parent only as a torchrun worker, whose parent is the torchrun in the command
+    that started it: a user's own command may outlive its shell on purpose (nohup, disown), unlike a stage, which
+    belongs to the dvc that started it."""
+    _exit_if_packages_missing("attention-cnn")
+    if "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ:  # distributed.inside_torchrun, without torch
+        exit_with_parent()
+    else:
+        signal.signal(signal.SIGTERM, _terminate)

@@ -17,26 +17,42 @@ LOSS_MIN_DELTA = 0.01
 
 @dataclass(frozen=True)
 class Plan:
-    """How long a run trains. A logged "epoch" (validation, early-stopping count, LR step, checkpoint) is
+    """How long a run trains. A logged "epoch" (validation, early-stopping count, LR step, checkpoint) is up to
     `passes` passes over the train split: 1 for an explicit train.epochs; with train.epochs=auto, enough passes
     to make at least train.val_every optimizer steps, and enough epochs to make train.steps in all, so a small
-    folder gets as many weight updates as a big one, and patience counts validations, not tiny epochs."""
+    folder gets as many weight updates as a big one, and patience counts validations, not tiny epochs.
+    train.steps is a cap (`max_steps`): an epoch never runs past it, so the last one, or a pass of it, may be cut
+    short; a val_every far above the budget gives one epoch of train.steps, not a pass rounded up to val_every."""
     epochs: int
     passes: int
     steps_per_pass: int
+    max_steps: int | None = None  # train.steps with train.epochs=auto; None: whole passes
+
+    @property
+    def steps_per_epoch(self) -> int:
+        whole = self.passes * self.steps_per_pass
+        return whole if self.max_steps is None else min(whole, self.max_steps)
 
     @property
     def steps(self) -> int:
-        return self.epochs * self.passes * self.steps_per_pass
+        whole = self.epochs * self.passes * self.steps_per_pass
+        return whole if self.max_steps is None else min(whole, self.max_steps)
+
+    def pass_steps(self, epoch: int) -> list[int]:
+        """Optimizer steps of each pass of `epoch` (from 1): steps_per_pass each, until the budget ends."""
+        left = min(self.steps_per_epoch, self.steps - (epoch - 1) * self.steps_per_epoch)
+        return [min(self.steps_per_pass, left - done) for done in range(0, max(left, 0), self.steps_per_pass)]
 
 
 def plan_training(tp: TrainParams, per_rank: int) -> Plan:
     steps_per_pass = math.ceil(per_rank / tp.batch_size)
     if tp.epochs != "auto":
         return Plan(epochs=tp.epochs, passes=1, steps_per_pass=steps_per_pass)
-    passes = math.ceil(tp.val_every / steps_per_pass)
-    return Plan(epochs=max(1, math.ceil(tp.steps / (passes * steps_per_pass))), passes=passes,
-                steps_per_pass=steps_per_pass)
+    # No pass an epoch would not start: the budget ends it first.
+    passes = min(math.ceil(tp.val_every / steps_per_pass), math.ceil(tp.steps / steps_per_pass))
+    per_epoch = min(passes * steps_per_pass, tp.steps)
+    return Plan(epochs=math.ceil(tp.steps / per_epoch), passes=passes, steps_per_pass=steps_per_pass,
+                max_steps=tp.steps)
 
 
 @dataclass(frozen=True)

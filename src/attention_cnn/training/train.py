@@ -16,12 +16,15 @@ Devices and DDP are in distributed.py; the memory guard of `dense` attention is 
 from __future__ import annotations
 
 import dataclasses
+import os
 import random
+import signal
+import sys
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -203,8 +206,9 @@ def _train(params: Params, ctx: Dist, prepared_dir: Path, model_path: Path, chec
         _warn_if_few_steps(prepared_dir, len(train_split), per_rank, plan.steps_per_pass, params.train.batch_size,
                            say)
     else:
-        say(f"train: {plan.epochs} epochs of {plan.passes} pass{'es' if plan.passes > 1 else ''} over "
-            f"{len(train_split)} images, {plan.steps} steps at most (train.steps={params.train.steps}).")
+        say(f"train: {plan.epochs} epoch{'s' if plan.epochs > 1 else ''} of {plan.steps_per_epoch} steps "
+            f"({_passes(plan)} over {len(train_split)} images), {plan.steps} steps in all "
+            f"(train.steps={params.train.steps}).")
     check_model_fits(params.model, train_split.img_size, ctx.device, params.train.batch_size)
     run = _build_run(params, ctx, train_split, val_split, per_rank, plan, progress, resident, say)
 
@@ -215,6 +219,8 @@ def _train(params: Params, ctx: Dist, prepared_dir: Path, model_path: Path, chec
         held.enter_context(run_lock(saved_at))
     state = TrainingState(params.train.patience, plan.epochs,
                           chance_ceiling=chance_ceiling(len(train_split.classes), len(val_split)))
+    if ctx.is_main:
+        held.enter_context(_say_how_to_resume(saved_at, state, metrics_dir))
     metrics = _Metrics(metrics_dir if ctx.is_main else None, round(chance_level(len(train_split.classes)), 3))
     # Rank 0's checkpoint for every rank: the other machines of a several-machine run have none on their disk.
     saved = broadcast_from_main(read_checkpoint(saved_at, run_fingerprint, say) if ctx.is_main else None, ctx)
@@ -225,7 +231,7 @@ def _train(params: Params, ctx: Dist, prepared_dir: Path, model_path: Path, chec
     while not state.done:
         result = _train_one_epoch(run, epoch=len(state.history) + 1)
         if state.update(result):
-            best_weights = {k: v.detach().to("cpu", copy=True) for k, v in run.net.state_dict().items()}
+            best_weights = _keep_best(run.net, best_weights)
         _report(result, state, say)
         metrics.log_epoch(result, state)
         _save_progress(run, state, best_weights, run_fingerprint, saved_at)
@@ -251,6 +257,67 @@ def _train(params: Params, ctx: Dist, prepared_dir: Path, model_path: Path, chec
                        epochs_run=len(state.history),
                        stopped_early=len(state.history) < plan.epochs, resumed_from=resumed_from,
                        history=state.history, model_path=written)
+
+
+@contextmanager
+def _say_how_to_resume(saved_at: Path, state: TrainingState, metrics_dir: Path | str | None) -> Iterator[None]:
+    """A run stopped by Ctrl-C or a signal (SIGTERM: `kill`, a cancelled Slurm job) says in one line what it leaves
+    and how to resume, and removes the metrics folder it created when no epoch was logged into it. Its lock goes
+    with run_lock, and the checkpoint stays for the resume."""
+    created = None
+    if metrics_dir is not None:
+        created = Path(os.path.abspath(metrics_dir))
+        while not created.parent.exists():
+            created = created.parent  # the outermost folder this run will create
+        created = None if created.exists() else created
+    try:
+        yield
+    except (KeyboardInterrupt, SystemExit) as stop:
+        code = 130 if isinstance(stop, KeyboardInterrupt) else stop.code
+        by = signal.Signals(code - 128).name if isinstance(code, int) and 128 < code < 128 + signal.NSIG else None
+        if by is not None:
+            if state.history and saved_at.is_file():
+                what = (f"{saved_at} keeps it up to the last finished epoch: run the same command again to resume "
+                        "from there")
+            else:
+                what = "no epoch had finished, so there is nothing to resume: the same command starts afresh"
+            _remove_empty_folders(Path(os.path.abspath(metrics_dir)) if metrics_dir is not None else None, created)
+            try:
+                for bar in list(getattr(tqdm, "_instances", ())):
+                    bar.close()  # the epoch's bar (leave=False) is cleared: this line is the last on the terminal
+                print(f"train: stopped by {by}; {what}.", file=sys.stderr, flush=True)
+            except OSError:  # no one to tell: the terminal or dvc's pipe went with the parent that was killed
+                pass
+        raise
+
+
+def _remove_empty_folders(folder: Path | None, top: Path | None) -> None:
+    """rmdir `folder` and its parents up to `top`, while empty: what a stopped run created and wrote nothing into."""
+    if folder is None or top is None:
+        return
+    while folder.is_dir() and not any(folder.iterdir()) and (folder == top or top in folder.parents):
+        folder.rmdir()
+        if folder == top:
+            return
+        folder = folder.parent
+
+
+def _passes(plan: Plan) -> str:
+    whole, part = divmod(plan.steps_per_epoch, plan.steps_per_pass)
+    if not whole:
+        return f"{part} of a pass's {plan.steps_per_pass} steps"
+    return f"{whole} pass{'es' if whole > 1 else ''}" + (f" and {part} steps" if part else "")
+
+
+def _keep_best(net: AttentionCNN, best: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+    """A host copy of the net's weights, written into the previous best's tensors: a new copy beside the old one
+    would hold a third copy of a big `dense` layer at once, and leave holes that the allocator cannot reuse."""
+    state = net.state_dict()
+    if best is None or best.keys() != state.keys():
+        return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+    for k, v in state.items():
+        best[k].copy_(v.detach())
+    return best
 
 
 def _images_per_rank(num_train: int, ctx: Dist, prepared_dir: Path) -> int:
@@ -334,14 +401,17 @@ def _resume(run: _Run, state: TrainingState, metrics: _Metrics, saved: dict | No
 def _train_one_epoch(run: _Run, epoch: int) -> EpochResult:
     tp, ctx, device = run.params.train, run.ctx, run.ctx.device
     lr = run.optimizer.param_groups[0]["lr"]
-    bar = tqdm(total=run.per_rank * ctx.world_size * run.plan.passes, desc=f"epoch {epoch}/{run.plan.epochs}",
+    pass_steps = run.plan.pass_steps(epoch)  # train.steps may end the epoch part-way through a pass
+    bar = tqdm(total=sum(min(run.per_rank, steps * tp.batch_size) for steps in pass_steps) * ctx.world_size,
+               desc=f"epoch {epoch}/{run.plan.epochs}",
                unit="img", unit_scale=True, disable=not (run.progress and ctx.is_main), leave=False,
                dynamic_ncols=True)
     started = time.perf_counter()
     totals = 0
-    for _ in range(run.plan.passes):  # a fresh order and fresh augmentation draws each pass
+    for steps in pass_steps:  # a fresh order and fresh augmentation draws each pass
         order = torch.randperm(run.train_data.num_images, generator=run.generators["shuffle"])
-        order = order[ctx.rank * run.per_rank:(ctx.rank + 1) * run.per_rank].to(run.train_data.index_device)
+        order = order[ctx.rank * run.per_rank:(ctx.rank + 1) * run.per_rank][:steps * tp.batch_size]
+        order = order.to(run.train_data.index_device)
         draws = (draw_augmentation(run.per_rank, run.train_data.img_size, tp, run.generators["augment"]).to(device)
                  if tp.augment else None)
         totals = totals + train_epoch(run.step_model, run.optimizer, run.train_data, order, draws, tp, bar,
