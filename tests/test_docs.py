@@ -275,7 +275,7 @@ def test_docs_name_only_commands_that_exist():
 
 
 def test_the_did_not_learn_warning_points_at_a_section_that_exists():
-    from attention_cnn.metrics import SMALL_DATA_SECTION  # 'README.md, "Training on a small folder"'
+    from attention_cnn.metrics import SMALL_DATA_SECTION  # 'docs/your-folder.md, "Small folders"'
 
     page, heading = re.fullmatch(r'(.+), "(.+)"', SMALL_DATA_SECTION).groups()
     assert re.search(rf"^#+ {re.escape(heading)}$", _text(REPO / page), re.M), \

@@ -84,7 +84,7 @@ def test_a_run_that_learns_nothing_says_so_in_one_warning_line(tmp_path, capsys)
     train(params, folder, tmp_path / "model.pt", tmp_path / "ckpt", tmp_path / "metrics", progress=False)
     warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1 and "chance (0.333 for 3 classes" in warnings[0], warnings
-    assert '"Training on a small folder"' in warnings[0]
+    assert '"Small folders"' in warnings[0]
     assert json.loads((tmp_path / "metrics" / "metrics.json").read_text())["guess"] == 0.333
 
 

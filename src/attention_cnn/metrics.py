@@ -135,7 +135,7 @@ def classification_report(logits: torch.Tensor, labels: torch.Tensor, classes: l
 # ----------------------------------------------------------------------------------------------------------
 # Did the run learn anything?
 
-SMALL_DATA_SECTION = 'README.md, "Training on a small folder"'
+SMALL_DATA_SECTION = 'docs/your-folder.md, "Small folders"'
 
 
 def chance_level(num_classes: int) -> float:
