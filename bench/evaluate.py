@@ -1,4 +1,4 @@
-"""The evaluate stage's wall time at default params, and ROAD's imputation against plain CG (issue 17).
+"""The evaluate stage's wall time at default params, and ROAD's imputation against plain CG.
 
     .venv/bin/python bench/evaluate.py                    # 64 and 150 px: about 10 min on the 2-core CPU
     .venv/bin/python bench/evaluate.py --img-size 64 --solver-images 4

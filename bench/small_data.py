@@ -1,4 +1,4 @@
-"""Learning curves on small folders: test accuracy against images per class (issue 15).
+"""Learning curves on small folders: test accuracy against images per class.
 
     .venv/bin/python bench/small_data.py                                  # the curve of README / BENCHMARKS
     .venv/bin/python bench/small_data.py --kinds shapes --per-class 60 300 --set train.epochs=15 model.head=flatten

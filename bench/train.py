@@ -14,7 +14,7 @@ angle per class, random phase, tint and noise), written as 150x150 JPEGs like th
            with --compile --also-eager the eager loop is timed as well, on the same data.
     seed   the seed's recipe: dense attention, fp32, batch 32, 128 channels, Adam, and a torch DataLoader
            that decodes every JPEG each epoch (Pillow + torchvision Resize/ToTensor).
-    old    (issue 15) the recipe main had before: batch 64, the flatten head, flips and shifts only, timed the same
+    old    the recipe before the small-folder defaults: batch 64, the flatten head, flips and shifts only, timed the same
            way beside the new default, so the new / old images/s ratio comes from one run.
 It also measures this machine's matmul peak (a big torch.mm) and reports our achieved FLOP/s as a share of it
 (FLOPs of a training step, forward and backward, counted by torch's FlopCounterMode), and (on CPU) trains
@@ -55,7 +55,7 @@ from attention_cnn.training.train import train
 
 SOURCE_SIZE = 150
 SEED_CHANNELS, SEED_BATCH = 128, 32
-# The recipe before issue 15 (main's params.yaml then): batch 64, the flatten head, flips and shifts only.
+# The recipe before the small-folder defaults (params.yaml then): batch 64, the flatten head, flips and shifts only.
 OLD_DEFAULT = {"model": {"head": "flatten"},
                "train": {"batch_size": 64, "flip": "horizontal", "rotate": 0.0, "scale": 0.0, "color_jitter": 0.0,
                          "grey": 0.0, "channel_shuffle": 0.0, "label_smoothing": 0.0}}
@@ -300,7 +300,7 @@ def main() -> None:
     parser.add_argument("--seed-batches", type=int, default=12, help="timed batches of the seed loop")
     parser.add_argument("--seed-workers", type=int, default=0, help="DataLoader workers of the seed loop")
     parser.add_argument("--skip-seed", action="store_true")
-    parser.add_argument("--skip-old-default", action="store_true", help="do not time the recipe before issue 15")
+    parser.add_argument("--skip-old-default", action="store_true", help="do not time the recipe before the small-folder defaults")
     parser.add_argument("--seed-width", action="store_true", help="also time ours at the seed's 128 channels")
     parser.add_argument("--cpu-bf16", action="store_true",
                         help="with --seed-width on CPU: also time ours there with train.cpu_bf16=true")
@@ -340,7 +340,7 @@ def main() -> None:
         print(f"ours (conv, {args.channels} ch, batch {args.batch_size}"
               f"{', bf16 autocast + channels_last' if device.type == 'cuda' else ', fp32'}"
               f"{', compiled' if args.compile else ''}): {ours['images_per_s']:,.0f} images/s")
-        if not args.skip_old_default:  # issue 15 changed the recipe: what its throughput costs, in the same run
+        if not args.skip_old_default:  # the small-folder defaults changed the recipe: what their throughput costs, in the same run
             old = run_ours(tmp / "prepared", tmp / "old", args,
                            {"model": {"channels": args.channels, **OLD_DEFAULT["model"]}, "train": OLD_DEFAULT["train"]})
             print(f"old default recipe ({OLD_DESCRIPTION}): {old['images_per_s']:,.0f} images/s; "

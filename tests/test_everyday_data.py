@@ -1,4 +1,4 @@
-"""Issue 16 (part A): the paths users take every day give true answers, or one line that says what to do.
+"""The paths users take every day give true answers, or one line that says what to do.
 
 Each test runs the real command (a stage script or `attention-cnn ...`) on folders built here and checks the exit
 code, the message and the files on disk. One module fixture prepares, trains, evaluates and visualizes a tiny

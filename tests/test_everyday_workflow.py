@@ -1,4 +1,4 @@
-"""Issue 16, part B: the paths users take every day give true answers, or one line that says what to do.
+"""The paths users take every day give true answers, or one line that says what to do.
 
 Each test runs the real command (a stage script, `attention-cnn`, `dvc`, `git clone`) on a real fixture and
 checks the exit code, the message and the files on disk.

@@ -1,4 +1,4 @@
-"""Issue 9: no command loses, mislabels or hangs on a user's data, and every mistake is one clear line.
+"""No command loses, mislabels or hangs on a user's data, and every mistake is one clear line.
 
 Each test runs the real command (the CLI's `main`, or the stage script in a subprocess where a hang or a
 resource limit must be contained) on a folder built here, and checks the exit code, the message and the files

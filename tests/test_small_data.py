@@ -1,4 +1,4 @@
-"""Small folders (issue 15): the step budget, learning from a small folder of our own making with the default
+"""Small folders: the step budget, learning from a small folder of our own making with the default
 recipe's machinery, and the warning when a run is no better than guessing."""
 
 import json

@@ -1,7 +1,7 @@
 """Small image folders of the kind a user brings, drawn from a seed (never downloaded), for tests and benchmarks.
 
 The built-in sample (sample.py) is easy because its classes differ in colour and texture. A user's classes often
-differ in shape, in colours that say nothing about the class; these folders test that case (issue 15):
+differ in shape, in colours that say nothing about the class; these folders test that case:
 
     shapes    circle / square / triangle: a filled shape of random size, position and rotation, random
               foreground and background colours, light pixel noise. Only the outline tells the classes apart.

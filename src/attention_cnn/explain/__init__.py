@@ -1,4 +1,4 @@
-"""Explanations of the attention CNN, held to the field's standards (issue 17).
+"""Explanations of the attention CNN, held to the field's standards.
 
 Shaped like pytorch-grad-cam: the methods share one base (`base.py`) and each is a small class that overrides
 one function; the scores live in `metrics/`, one module each; the sanity check and the statistics stand apart.
