@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import yaml
 from attention_cnn.data.prepared import PreparedSplit, save_split
 from attention_cnn.model import AttentionCNN, save_model
 from attention_cnn.params import ModelParams
-from e2e import REPO, VENV_BIN
+from e2e import GIT_USER, REPO, VENV_BIN, run
 from test_safety import assert_one_line_error, noise, run_cli, snapshot
 
 ENV = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": str(REPO / "src"),
@@ -139,3 +140,63 @@ def test_one_image_gives_no_interval_and_no_p_value_and_no_masks_no_pointing_gam
     assert table.returncode == 0, table.stderr
     assert "[–]" in table.stdout and "(p –)" in table.stdout and "p = " not in table.stdout
     assert "[–], p –: no interval or p-value from fewer than 10 scored images." in table.stdout
+
+
+# ---------------------------------------------------------------------------- data.source and DVC's temp workspaces
+
+
+def dvc(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(["dvc", *args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=600)
+
+
+def test_an_untracked_source_inside_the_repo_is_named_by_the_plain_run_and_works_once_dvc_tracks_it(
+        built_repo, tmp_path):
+    """DVC hashes a stage's dependencies before its command runs, so under --temp an untracked folder fails in DVC
+    itself, before prepare; the plain run, which reads it in place, says so and what to type."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    built_repo(repo)
+    run(["git", "add", "-A"], repo)
+    run(["git", *GIT_USER, "commit", "-qm", "results"], repo)
+    for k in range(12):
+        noise(repo / "photos" / ("cats", "dogs")[k % 2] / f"{k}.png", k)
+
+    done = dvc(["exp", "run", "--temp", "-S", "data.source=photos", "prepare"], repo)
+    assert done.returncode != 0
+    assert "failed to reproduce 'prepare': [Errno 2] No such file or directory" in done.stderr
+    assert "/.dvc/tmp/exps/" in done.stderr and "photos" in done.stderr
+
+    done = dvc(["exp", "run", "-S", "data.source=photos", "prepare"], repo)  # plain: in this workspace
+    assert done.returncode == 0, done.stderr
+    assert (f"prepare: warning: data.source 'photos' is inside the repo, but git does not track 12 of its files "
+            f"and DVC does not track the folder: this run reads them in place, but `dvc exp run --temp` and "
+            f"`dvc exp run --queue` run in a copy without them") in done.stdout
+    assert f"Run `dvc add photos` and commit photos.dvc, or give the absolute path: data.source={repo / 'photos'}" \
+        in done.stdout
+    assert json.loads((repo / "data/prepared/report.json").read_text())["source"] == "photos"
+
+    run(["dvc", "add", "photos"], repo)  # what the line says to type
+    run(["git", "add", "photos.dvc", ".gitignore", "params.yaml", "dvc.lock"], repo)
+    run(["git", *GIT_USER, "commit", "-qm", "photos tracked by DVC"], repo)
+    done = dvc(["exp", "run", "--temp", "-f", "prepare"], repo)
+    assert done.returncode == 0, done.stderr
+    assert "Running stage 'prepare'" in done.stdout and "warning" not in done.stdout
+
+
+# ---------------------------------------------------------------------------- params.yaml as DVC writes it back
+
+
+def test_an_experiments_params_diff_is_the_change_itself(tmp_path):
+    """`dvc exp run -S` writes params.yaml back through its YAML round trip: the file is kept in the form that
+    trip writes (block lists, '' for the empty string), so the diff of a one-key change is one line."""
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"echo": {
+        "cmd": "echo done > out.txt", "params": ["seed"], "outs": ["out.txt"]}}}))
+    run(["git", "init", "-q"], tmp_path)
+    run(["dvc", "init", "-q"], tmp_path)
+    run(["git", "add", "-A"], tmp_path)
+    run(["git", *GIT_USER, "commit", "-qm", "params"], tmp_path)
+    run(["dvc", "exp", "run", "-S", "seed=43"], tmp_path)
+    assert run(["git", "diff", "--numstat", "params.yaml"], tmp_path) == "1\t1\tparams.yaml\n"
+    diff = run(["git", "diff", "-U0", "params.yaml"], tmp_path)
+    assert "\n-seed: 42 " in diff and "\n+seed: 43 " in diff
