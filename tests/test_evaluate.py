@@ -111,7 +111,7 @@ def test_evaluate_writes_metrics_confusion_and_gallery(workspace, evaluated):
     assert json.loads((workspace / "metrics/maps/edge.json").read_text())["mprt"] == 1.0  # model-free: fails
     for order in ("morf", "lerf"):
         records = json.loads((workspace / f"output/evaluate/road_{order}.json").read_text())
-        assert len(records) == 10 * len(methods) and {r["method"] for r in records} == set(methods)
+        assert len(records) == 9 * len(methods) and {r["method"] for r in records} == set(methods)
     sanity = json.loads((workspace / "output/evaluate/sanity.json").read_text())
     assert {r["layers"] for r in sanity} == set(range(len(evaluated.explained["sanity_layers"]) + 1))
     figures = sorted(p.name for p in (workspace / "output/evaluate/maps").iterdir())
