@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from PIL import Image
 
 from attention_cnn.data.prepared import PreparedSplit, save_split
 from attention_cnn.model import AttentionCNN, save_model
@@ -200,3 +201,29 @@ def test_an_experiments_params_diff_is_the_change_itself(tmp_path):
     assert run(["git", "diff", "--numstat", "params.yaml"], tmp_path) == "1\t1\tparams.yaml\n"
     diff = run(["git", "diff", "-U0", "params.yaml"], tmp_path)
     assert "\n-seed: 42 " in diff and "\n+seed: 43 " in diff
+
+
+# ---------------------------------------------------------------------------- the ablation's outputs
+
+
+def test_an_applied_run_without_attention_loads_every_metric_and_draws_no_mask(built_repo, tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    built_repo(repo)
+    run(["git", "add", "-A"], repo)
+    run(["git", *GIT_USER, "commit", "-qm", "results"], repo)
+    log = run(["dvc", "exp", "run", "-n", "ablation", "-S", "model.attention=none"], repo)
+    assert "evaluate: mask, attended not scored: the model was trained with model.attention none" in log
+    run(["dvc", "exp", "apply", "ablation"], repo)
+
+    shown = run(["dvc", "metrics", "show"], repo)
+    assert "failed to load" not in shown
+    rows = {line.split()[0]: line.split()[1:] for line in shown.splitlines()[1:]}
+    assert set(rows) == set(yaml.safe_load((repo / "dvc.yaml").read_text())["metrics"])
+    assert set(rows["metrics/maps/mask.json"]) == {"-"} and set(rows["metrics/maps/gradcam.json"]) != {"-"}
+
+    figures = sorted((repo / "output/visualize").glob("*.png"))
+    assert figures
+    for figure in figures:
+        with Image.open(figure) as image:
+            assert image.text["Description"] == "panels: input | feature map (no attention)", figure.name

@@ -79,8 +79,9 @@ def not_scored_lines(methods: tuple[str, ...], learns_mask: bool, images: int, h
                      "masks, and the test images have none (data.source has no .masks/ folder); their columns "
                      "hold null")
     if images < MIN_IMAGES and len(without_mask) < len(methods):
+        verb = "is" if images == 1 else "are"
         lines.append(f"evaluate: no 95 % intervals and no p-values: they need at least {MIN_IMAGES} images and "
-                     f"{images} {'is' if images == 1 else 'are'} scored (evaluate.faithfulness_images, at most the test split); metrics/ci "
+                     f"{images} {verb} scored (evaluate.faithfulness_images, at most the test split); metrics/ci "
                      f"holds null")
     return lines
 
