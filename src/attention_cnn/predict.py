@@ -10,7 +10,8 @@ Writes into the --out folder:
                      (one column per value: any class name, even "a:0.9;b", reads back exactly)
     skipped.csv      file, reason: image files that could not be decoded, files that are not images, and
                      folders that could not be listed ("sub/")
-    <file>.png       the input | before | mask | after figure of each image (visualize.py), unless figures=False;
+    <file>.png       the input | before | mask | after figure of each image (panels.py; input | feature map for a
+                     model without attention), unless figures=False;
                      named by figure_names, unique and short whatever the names and depth of the files
 Names that are not valid UTF-8 are written with escapes ("\\xff", discover.display_name).
 Bad files are reported, never fatal; the run fails (UserError) only when nothing could be predicted.
