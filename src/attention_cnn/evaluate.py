@@ -13,6 +13,8 @@ and what `dvc plots show` draws:
 - `output_dir/road_morf.json`, `road_lerf.json`, `sanity.json`: the ROAD curves and the sanity check, one line
   per method; `output_dir/maps/NN_<image>.png`: the input and every method's map, one figure per image;
 - `output_dir/explain.json`: every score with both interval ends (`python tools/attention_table.py` prints it).
+What it was asked for and cannot give (the mask of a model without one, the pointing game without ground-truth
+masks, intervals from fewer than MIN_IMAGES images) gets one line on stdout, kept in explain.json's "notes".
 
 The test split is only reported on; model selection happened on val in the train stage.
 Every folder is built in a temp dir and swapped in at the end, so a failed run leaves the old ones intact.
