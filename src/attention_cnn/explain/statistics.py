@@ -24,7 +24,6 @@ LEVEL = 0.95
 MIN_IMAGES = 10  # fewest scored images for an interval or a p-value
 
 
-
 @dataclass(frozen=True)
 class Interval:
     mean: float
