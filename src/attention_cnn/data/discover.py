@@ -12,6 +12,7 @@ One walker (`walk_images`) serves both prepare and predict, with the same rules:
   in `Skips.unreadable`, which prepare reports with the class that loses its images, and predict in skipped.csv.
 
 `discover` detects the layout of `data.source` (see prepare.py) and lists every image with its class.
+`untracked_source_warning` tells a plain run that `dvc exp run --temp` and the queue will not see data.source.
 """
 
 from __future__ import annotations
@@ -359,7 +360,7 @@ def _dvc_tracks(rel: Path, root: Path) -> bool:
         return True
     try:
         stages = (yaml.safe_load((root / "dvc.yaml").read_text()) or {}).get("stages", {})
-    except (OSError, ValueError):
+    except (OSError, yaml.YAMLError):
         return False
     outs = {Path(next(iter(out)) if isinstance(out, dict) else str(out))
             for stage in stages.values() if isinstance(stage, dict) for out in stage.get("outs", [])}
