@@ -4,6 +4,7 @@ from attention_cnn.startup import start_stage
 
 start_stage()  # before torch: one line when this Python lacks the packages; ends with its parent
 
+from attention_cnn.data.discover import untracked_source_warning  # noqa: E402
 from attention_cnn.data.prepare import prepare  # noqa: E402
 from attention_cnn.errors import exit_on_user_error  # noqa: E402
 from attention_cnn.params import load_params  # noqa: E402
@@ -14,6 +15,9 @@ def main() -> None:
     params = load_params()
     report = prepare(params, out_dir="data/prepared")
     print(report.summary())
+    warning = untracked_source_warning(params.data.source)
+    if warning:
+        print(warning)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,8 @@ and what `dvc plots show` draws:
 - `output_dir/road_morf.json`, `road_lerf.json`, `sanity.json`: the ROAD curves and the sanity check, one line
   per method; `output_dir/maps/NN_<image>.png`: the input and every method's map, one figure per image;
 - `output_dir/explain.json`: every score with both interval ends (`python tools/attention_table.py` prints it).
+What it was asked for and cannot give (the mask of a model without one, the pointing game without ground-truth
+masks, intervals from fewer than MIN_IMAGES images) gets one line on stdout, kept in explain.json's "notes".
 
 The test split is only reported on; model selection happened on val in the train stage.
 Every folder is built in a temp dir and swapped in at the end, so a failed run leaves the old ones intact.
@@ -31,7 +33,8 @@ from attention_cnn.data.prepared import load_split
 from attention_cnn.explain.figures import MethodFigure
 from attention_cnn.explain.metrics.road import FRACTIONS
 from attention_cnn.explain.report import metric_files, road_records, sanity_records, summarize
-from attention_cnn.explain.scoring import Scored, build_methods, score_methods
+from attention_cnn.explain.scoring import MASK_METHODS, Scored, build_methods, score_methods
+from attention_cnn.explain.statistics import MIN_IMAGES
 from attention_cnn.figures import draw_gallery, numbered_name, prediction_label
 from attention_cnn.inference import (check_model_matches, images_to_float, load_for_inference, model_device,
                                      predict_logits, spread_over_classes)
@@ -69,6 +72,29 @@ def explain_subset(model, images: torch.Tensor, masks: torch.Tensor | None, para
     x = images_to_float(images, model_device(model))                    # (N, 3, S, S)
     return score_methods(model, x, masks, methods, cfg.faithfulness_steps, cfg.batch_size, params.seed,
                          cfg.sanity_images)
+
+
+def not_scored_lines(methods: tuple[str, ...], learns_mask: bool, images: int, has_masks: bool) -> list[str]:
+    """One line per thing evaluate was asked for and cannot score, known before scoring: a table's missing
+    column or null file must never be the only sign. `images`: how many test images get scored."""
+    lines = []
+    without_mask = [m for m in methods if m in MASK_METHODS and not learns_mask]
+    if without_mask:
+        left = [m for m in methods if m not in without_mask]
+        lines.append(f"evaluate: {', '.join(without_mask)} not scored: the model was trained with model.attention "
+                     f"none, so it has no mask to explain with; their metrics/maps and metrics/ci files hold null"
+                     + ("" if left else ". No explanation method is left to score, so only the test metrics are "
+                        "written: add e.g. gradcam to evaluate.methods to score explanations"))
+    if not has_masks and len(without_mask) < len(methods):
+        lines.append("evaluate: pointing game (pg) and relevance mass (mass) not scored: they need ground-truth "
+                     "masks, and the test images have none (data.source has no .masks/ folder); their columns "
+                     "hold null")
+    if images < MIN_IMAGES and len(without_mask) < len(methods):
+        verb = "is" if images == 1 else "are"
+        lines.append(f"evaluate: no 95 % intervals and no p-values: they need at least {MIN_IMAGES} images and "
+                     f"{images} {verb} scored (evaluate.faithfulness_images, at most the test split); metrics/ci "
+                     f"holds null")
+    return lines
 
 
 def write_method_figures(folder: Path, scored: Scored, images: torch.Tensor, files: list[str], labels: torch.Tensor,
@@ -146,8 +172,11 @@ def evaluate(params: Params, prepared_dir: Path | str, model_path: Path | str, m
 
     subset = spread_over_classes(test.labels, cfg.faithfulness_images)   # balanced and deterministic
     masks = test.masks[subset] if test.masks is not None else None
+    notes = not_scored_lines(cfg.methods, model.learns_mask, len(subset), masks is not None)
+    for line in notes:
+        print(line)
     scored = explain_subset(model, test.images[subset], masks, params)
-    explained = summarize(scored, params.seed)
+    explained = {**summarize(scored, params.seed), "notes": notes}
     headline = headline_metrics(report, trained.best_epoch)
     files = metric_files(explained)                                      # "maps/<method>.json" -> scores
 

@@ -9,7 +9,8 @@ Each map is upsampled bilinearly to the image and overlaid on it. Two colour bar
   flat as it is. `ltpa`'s mask is a softmax over positions that sums to 1 (about 1/64 everywhere at 64 px), so
   its raw scale would be black; it alone is stretched to its own range, and its panel and colour bar say so.
 The raw range of the mask is written under its panel either way. A model without attention
-(model.attention=none) has no mask to show, so its figures have three panels.
+(model.attention=none) has no mask: before and after are the same map, so its figures have two panels, the input
+and that feature map, titled as having no attention. Each PNG's Description holds its panel titles.
 
 Used by the visualize stage and by predict. Each figure layout is built once and reused: creating figures and
 axes is the slow part, not saving them.
@@ -39,6 +40,9 @@ MASK_PANEL = 2  # index of the mask in PANEL_TITLES
 PANEL_INCHES = 1.7
 MASK_BAR_INCHES = 0.75  # the mask's colour bar and its label, right of the feature maps' bar
 FEATURE_BAR_LABEL = "max over channels of the final feature map\nbefore and after: one scale per image"
+NO_MASK_PANEL = 1   # for a model without a mask: "before", drawn once under NO_MASK_TITLE
+NO_MASK_TITLE = "feature map (no attention)"
+NO_MASK_BAR_LABEL = "max over channels of the final feature map\n(model.attention none: no mask)"
 MASK_BAR_LABEL = {False: "attention mask, raw value\n(mean over channels)",
                   True: "attention mask, STRETCHED to\neach image's range (under it)"}
 BAR_FONT = 5.5
@@ -92,12 +96,14 @@ def check_colormap(name: str) -> Colormap:
 class PanelFigure:
     """A reusable figure of `rows` x panels with its colour bars (the feature maps', the mask's); draw rows, save,
     draw again.
-    `mask_panel=False` leaves out the mask (for a model without attention, whose mask is constant)."""
+    `mask_panel=False`: a model without attention, whose mask is constant and whose "after" is its "before":
+    the input and the feature map only."""
 
     def __init__(self, rows: int, colormap: str, alpha: float, dpi: int = DPI, mask_panel: bool = True):
         self.cmap = check_colormap(colormap)
         self.alpha, self.dpi, self.rows = alpha, dpi, rows
-        self.shown = [p for p in range(len(PANEL_TITLES)) if mask_panel or p != MASK_PANEL]
+        self.shown = list(range(len(PANEL_TITLES))) if mask_panel else [0, NO_MASK_PANEL]
+        self.titles = [PANEL_TITLES[p] if mask_panel or p != NO_MASK_PANEL else NO_MASK_TITLE for p in self.shown]
         columns = len(self.shown)
         # Sizes in inches: a label margin on the left, the panels, the colour bar and its label on the right.
         left, right, top, gap = 0.3, 0.75 + (MASK_BAR_INCHES if mask_panel else 0), 0.7, 0.22
@@ -111,15 +117,16 @@ class PanelFigure:
         self.axes, self.artists, self.row_titles = [], [], []
         for r in range(rows):
             row_axes = [self.figure.add_subplot(grid[r, c]) for c in range(columns)]
-            for ax, panel in zip(row_axes, self.shown):
+            for ax, title in zip(row_axes, self.titles):
                 ax.set_xticks([]), ax.set_yticks([])
                 if r == 0:
-                    ax.set_title(PANEL_TITLES[panel], fontsize=7)
+                    ax.set_title(title, fontsize=7)
             self.axes.append(row_axes)
             self.artists.append([ax.imshow(np.zeros((2, 2, 3)), interpolation="nearest") for ax in row_axes])
             # The row's own title (true/pred/confidence) sits on the left, under the column titles.
             self.row_titles.append(row_axes[0].set_ylabel("", fontsize=6, labelpad=2))
-        self.bars = [self._colour_bar(self.figure.add_subplot(grid[:, columns]), FEATURE_BAR_LABEL)]
+        self.bars = [self._colour_bar(self.figure.add_subplot(grid[:, columns]),
+                                      FEATURE_BAR_LABEL if mask_panel else NO_MASK_BAR_LABEL)]
         if mask_panel:  # the mask's own bar, beside the first: its scale is not the feature maps'
             box = self.bars[0].ax.get_position()
             self.bars.append(self._colour_bar(self.figure.add_axes(
@@ -154,8 +161,8 @@ class PanelFigure:
             mask_ax.set_xlabel(f"raw {low:.{digits}f} to {high:.{digits}f}", fontsize=6, labelpad=1)
             self.bars[1].set_label(MASK_BAR_LABEL[panels.mask_stretched], fontsize=BAR_FONT)
             if row == 0:
-                mask_ax.set_title(PANEL_TITLES[MASK_PANEL] + (" (STRETCHED)" if panels.mask_stretched else ""),
-                                  fontsize=7)
+                self.titles[MASK_PANEL] = PANEL_TITLES[MASK_PANEL] + (" (STRETCHED)" if panels.mask_stretched else "")
+                mask_ax.set_title(self.titles[MASK_PANEL], fontsize=7)
 
     def hide_rows_from(self, row: int) -> None:
         for r in range(row, self.rows):
@@ -164,4 +171,4 @@ class PanelFigure:
 
     def save(self, path: Path, title: str = "") -> None:
         self.title.set_text(title)
-        self.figure.savefig(path, dpi=self.dpi)
+        self.figure.savefig(path, dpi=self.dpi, metadata={"Description": "panels: " + " | ".join(self.titles)})

@@ -10,7 +10,8 @@ Writes into the --out folder:
                      (one column per value: any class name, even "a:0.9;b", reads back exactly)
     skipped.csv      file, reason: image files that could not be decoded, files that are not images, and
                      folders that could not be listed ("sub/")
-    <file>.png       the input | before | mask | after figure of each image (visualize.py), unless figures=False;
+    <file>.png       the input | before | mask | after figure of each image (panels.py; input | feature map for a
+                     model without attention), unless figures=False;
                      named by figure_names, unique and short whatever the names and depth of the files
 Names that are not valid UTF-8 are written with escapes ("\\xff", discover.display_name).
 Bad files are reported, never fatal; the run fails (UserError) only when nothing could be predicted.
@@ -123,6 +124,23 @@ class _Inputs:
     skipped: list[Skipped]
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def _nothing_decoded(images_dir: Path, listing: FolderListing, failed: list[Skipped]) -> str:
+    """Why nothing could be predicted: the files named like images that failed to decode, counted and named apart
+    from the entries that were never read (not images, unreadable folders), so each count matches its names."""
+    def some(entries: list[Skipped]) -> str:
+        return "; ".join(f"{s.file}: {s.reason}" for s in entries[:3]) + (" ..." if len(entries) > 3 else "")
+
+    which = "its 1 file" if len(failed) == 1 else f"none of its {len(failed)} files"
+    verb = "could not be decoded" if len(failed) == 1 else "could be decoded"
+    others = (f"; {_count(len(listing.not_read), 'other entry')} not read ({some(listing.not_read)})"
+              if listing.not_read else "")
+    return f"--images {images_dir}: {which} named like an image {verb} ({some(failed)}){others}."
+
+
 def _read_images(images_dir: Path, out_dir: Path, trained: TrainedModel, workers: int, progress: bool) -> _Inputs:
     listing = list_folder(images_dir, exclude=out_dir)
     if not listing.images:
@@ -134,9 +152,7 @@ def _read_images(images_dir: Path, out_dir: Path, trained: TrainedModel, workers
     skipped += listing.not_read
     kept = [i for i, d in enumerate(decoded) if d.error is None]
     if not kept:
-        reasons = "; ".join(f"{s.file}: {s.reason}" for s in skipped[:3])
-        raise UserError(f"--images {images_dir}: none of its {len(listing.images)} image files could be decoded "
-                        f"({reasons}{' ...' if len(skipped) > 3 else ''}).")
+        raise UserError(_nothing_decoded(images_dir, listing, skipped[:len(listing.images)]))
     for s in skipped:
         print(f"predict: skipped {images_dir / s.file}: {s.reason}", file=sys.stderr)
     return _Inputs(files=[listing.images[i] for i in kept], skipped=skipped,

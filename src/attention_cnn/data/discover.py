@@ -12,6 +12,7 @@ One walker (`walk_images`) serves both prepare and predict, with the same rules:
   in `Skips.unreadable`, which prepare reports with the class that loses its images, and predict in skipped.csv.
 
 `discover` detects the layout of `data.source` (see prepare.py) and lists every image with its class.
+`untracked_source_warning` tells a plain run that `dvc exp run --temp` and the queue will not see data.source.
 """
 
 from __future__ import annotations
@@ -19,10 +20,12 @@ from __future__ import annotations
 import functools
 import os
 import stat
+import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import yaml
 from PIL import Image
 
 from attention_cnn.errors import UserError
@@ -347,3 +350,44 @@ def _check_has_files(found: Discovery) -> None:
                             f"read and execute permission on it (chmod -R u+rX {where}), or remove the folder.")
         raise UserError(f"data.source: class '{found.classes[label]}' has no readable image: {where} holds no "
                         "image file. Add images, or remove the folder.")
+
+
+def _dvc_tracks(rel: Path, root: Path) -> bool:
+    """True when DVC restores `rel` (relative to root) in a fresh workspace: `dvc add` made a .dvc file for it or a
+    folder above it, or it is (inside) an out of a dvc.yaml stage, as data/sample is."""
+    above = [rel, *rel.parents][:-1]  # rel and every folder above it, up to the root
+    if any((root / f"{folder}.dvc").is_file() for folder in above):
+        return True
+    try:
+        stages = (yaml.safe_load((root / "dvc.yaml").read_text()) or {}).get("stages", {})
+    except (OSError, yaml.YAMLError):
+        return False
+    outs = {Path(next(iter(out)) if isinstance(out, dict) else str(out))
+            for stage in stages.values() if isinstance(stage, dict) for out in stage.get("outs", [])}
+    return any(folder in outs for folder in above)
+
+
+def untracked_source_warning(source: str, root: Path | str = ".") -> str | None:
+    """A line for a data.source inside the repo whose files git does not track and DVC does not restore.
+
+    DVC hashes a stage's dependencies before its command runs, so under `dvc exp run --temp` and the queue (a copy
+    of the commit under .dvc/tmp/exps/, without untracked files) such a folder fails in DVC itself with
+    "[Errno 2] No such file or directory", before any line of ours can run; a plain run, which reads the folder
+    in place, is the one place to say so. None when tracked, outside the repo, or without git."""
+    root = Path(root)
+    rel = Path(os.path.normpath(source))
+    if rel.is_absolute() or not (root / rel).is_dir() or _dvc_tracks(rel, root):
+        return None
+    try:
+        listed = subprocess.run(["git", "ls-files", "--others", "-z", "--", str(rel)], cwd=root,
+                                capture_output=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    untracked = [name for name in listed.stdout.split(b"\0") if name] if listed.returncode == 0 else []
+    if not untracked:
+        return None
+    return (f"prepare: warning: data.source '{source}' is inside the repo, but git does not track "
+            f"{len(untracked)} of its files and DVC does not track the folder: this run reads them in place, but "
+            f"`dvc exp run --temp` and `dvc exp run --queue` run in a copy without them (DVC stops with \"[Errno 2] "
+            f"No such file or directory\", or trains on the tracked files only). Run `dvc add {rel.as_posix()}` and "
+            f"commit {rel.as_posix()}.dvc, or give the absolute path: data.source={(root / rel).resolve()}")

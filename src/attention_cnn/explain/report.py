@@ -13,14 +13,18 @@ and the uncertainty comes in extra ROWS that share those columns, not in more co
     metrics/ci/paired.json       p-values of the learned mask against Grad-CAM, paired bootstrap, per score
 Everything at full precision, with both interval ends, is in output/evaluate/explain.json, which
 `python tools/attention_table.py` prints as the README's markdown table.
+Every file dvc.yaml declares is written on every run, so `dvc metrics show` never fails to load one: a method
+that was not scored (not in evaluate.methods, or the mask of a model without one) and a score that was not
+(no ground-truth masks) hold null. So does an interval or p-value from fewer than MIN_IMAGES images
+(statistics.py): null in JSON, "–" in the table.
 """
 
 from __future__ import annotations
 
 import math
 
-from attention_cnn.explain.scoring import SCORES, Scored
-from attention_cnn.explain.statistics import Interval, bootstrap_ci, paired_p_value
+from attention_cnn.explain.scoring import METHODS, SCORES, Scored
+from attention_cnn.explain.statistics import MIN_IMAGES, bootstrap_ci, paired_p_value
 
 FILE_KEYS = ("del", "ins", "road", "pg", "mass")  # + "mprt"
 PAIRED = ("mask", "gradcam")
@@ -36,7 +40,7 @@ def summarize(scored: Scored, seed: int) -> dict:
         for key in SCORES:
             interval = bootstrap_ci(result.scores[key], seed=seed)
             if not math.isnan(interval.mean):
-                entry[key] = {"mean": interval.mean, "low": interval.low, "high": interval.high}
+                entry[key] = {"mean": interval.mean, "low": _number(interval.low), "high": _number(interval.high)}
         if scored.cascade is not None:
             entry["mprt"] = scored.cascade.correlation[name][-1]
         methods[name] = entry
@@ -46,29 +50,43 @@ def summarize(scored: Scored, seed: int) -> dict:
         paired = {}
         for key in SCORES:
             diff = scored.methods[a].scores[key] - scored.methods[b].scores[key]
-            p = paired_p_value(scored.methods[a].scores[key], scored.methods[b].scores[key], seed=seed)
-            if not math.isnan(p):
-                paired[key] = {"difference": float(diff[~diff.isnan()].double().mean()), "p": p}
+            diff = diff[~diff.isnan()]
+            if diff.numel():
+                p = paired_p_value(scored.methods[a].scores[key], scored.methods[b].scores[key], seed=seed)
+                paired[key] = {"difference": float(diff.double().mean()), "p": _number(p)}
         summary["paired"] = {"methods": list(PAIRED), "scores": paired}
     if scored.cascade is not None:
         summary["sanity_layers"] = scored.cascade.layers
     return summary
 
 
-def metric_files(summary: dict) -> dict[str, dict[str, float]]:
-    """{relative path under metrics/: content}: maps/<method>.json, ci/<method>.json, ci/paired.json."""
+def _number(value: float) -> float | None:
+    return None if math.isnan(value) else value
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, DECIMALS)
+
+
+def metric_files(summary: dict) -> dict[str, dict[str, float | None]]:
+    """{relative path under metrics/: content}: maps/<method>.json and ci/<method>.json of every method, and
+    ci/paired.json, each with every key; null where nothing was scored."""
     files = {}
-    for name, entry in summary["methods"].items():
-        means = {k: round(entry[k]["mean"], DECIMALS) for k in FILE_KEYS if k in entry}
-        if "mprt" in entry:
-            means["mprt"] = round(entry["mprt"], DECIMALS)
+    for name in METHODS:
+        entry = summary["methods"].get(name, {})
+        means = {k: _rounded(entry[k]["mean"]) if k in entry else None for k in FILE_KEYS}
+        means["mprt"] = _rounded(entry.get("mprt"))
         files[f"maps/{name}.json"] = means
-        files[f"ci/{name}.json"] = {k: round(Interval(**entry[k]).half_width, DECIMALS)
-                                    for k in FILE_KEYS if k in entry}
-    if "paired" in summary:
-        files["ci/paired.json"] = {k: round(v["p"], DECIMALS) for k, v in summary["paired"]["scores"].items()
-                                   if k in FILE_KEYS}
+        files[f"ci/{name}.json"] = {k: _half_width(entry.get(k)) for k in FILE_KEYS}
+    paired = summary.get("paired", {}).get("scores", {})
+    files["ci/paired.json"] = {k: _rounded(paired[k]["p"]) if k in paired else None for k in FILE_KEYS}
     return files
+
+
+def _half_width(score: dict | None) -> float | None:
+    if score is None or score["low"] is None:
+        return None
+    return round((score["high"] - score["low"]) / 2, DECIMALS)
 
 
 def road_records(scored: Scored, fractions: tuple[float, ...]) -> dict[str, list[dict]]:
@@ -101,15 +119,21 @@ def markdown_table(summary: dict) -> str:
     for name, entry in summary["methods"].items():
         cells = [f"`{name}`"]
         for k in keys:
-            cells.append(f"{entry[k]['mean']:.3f} [{entry[k]['low']:.3f}, {entry[k]['high']:.3f}]" if k in entry
-                         else "–")
+            cells.append("–" if k not in entry else f"{entry[k]['mean']:.3f} [–]" if entry[k]["low"] is None
+                         else f"{entry[k]['mean']:.3f} [{entry[k]['low']:.3f}, {entry[k]['high']:.3f}]")
         if has_mprt:
             cells.append(f"{entry['mprt']:.2f}" if "mprt" in entry else "–")
         lines.append("| " + " | ".join(cells) + " |")
     if "paired" in summary:
         a, b = summary["paired"]["methods"]
         tests = ", ".join(f"{HEADERS[k].rstrip(' ↑↓')} {v['difference']:+.3f} "
-                          f"({'p < 0.001' if v['p'] < 0.001 else 'p = ' + format(v['p'], '.3f')})"
+                          f"({_p_text(v['p'])})"
                           for k, v in summary["paired"]["scores"].items())
         lines += ["", f"`{a}` − `{b}`, paired bootstrap over the same {summary['images']} images: {tests}."]
+    if any("[–]" in line or "p –" in line for line in lines):
+        lines += ["", f"[–], p –: no interval or p-value from fewer than {MIN_IMAGES} scored images."]
     return "\n".join(lines)
+
+
+def _p_text(p: float | None) -> str:
+    return "p –" if p is None else "p < 0.001" if p < 0.001 else f"p = {p:.3f}"
