@@ -67,8 +67,12 @@ ADVICE = {
     "not valid YAML": "The message gives the line and column. A value with `:` or `#` in it needs quotes.",
     "holds no image files (looked for": "Point `--images` at the folder that holds the pictures; every "
                                        "sub-folder is searched.",
-    "none of its <number> image files could be decoded": "The reasons are in the message, and every file is in "
-                                                         "`skipped.csv`: re-export the images as JPEG or PNG.",
+    "named like an image <verb>": "The line counts the files named like an image that failed to decode and "
+                                  "names up to three with the reason (e.g. `none of its 3 files named like an "
+                                  "image could be decoded (a.jpg: ...)`), then, apart, the entries it did not read "
+                                  "(`; 1 other entry not read (notes.txt: not an image file)`). Nothing is written "
+                                  "to `--out`. Re-export the images as JPEG or PNG, or point `--images` at the "
+                                  "folder that holds them.",
     "has several validation folders": "Keep one of them (`val/`, `valid/` or `validation/`).",
 }
 
