@@ -17,6 +17,8 @@ def main() -> None:
                       metrics_dir="metrics/evaluate", out_dir="output/evaluate")
     print(f"evaluate: test accuracy {result.metrics['accuracy']:.4f}, macro F1 {result.metrics['macro/f1']:.4f}")
     report = result.report
+    if "verdict" in result.explained:
+        print(f"evaluate: {result.explained['verdict']}")
     warning = not_learned_warning("test accuracy", report.accuracy, len(report.per_class), len(report.predictions))
     if warning:
         print(warning)

@@ -12,7 +12,9 @@ and what `dvc plots show` draws:
 - `output_dir/misclassified.png`: the most confident mistakes, each titled true / predicted / confidence;
 - `output_dir/road_morf.json`, `road_lerf.json`, `sanity.json`: the ROAD curves and the sanity check, one line
   per method; `output_dir/maps/NN_<image>.png`: the input and every method's map, one figure per image;
-- `output_dir/explain.json`: every score with both interval ends (`python tools/attention_table.py` prints it).
+- `output_dir/mosaic.png`: the first mosaic of the grid pointing game and each method's map of each cell's class;
+- `output_dir/explain.json`: every score with both interval ends (`python tools/attention_table.py` prints it),
+  and `verdict`, one sentence on whether the native map explains this model better than Grad-CAM.
 
 The test split is only reported on; model selection happened on val in the train stage.
 Every folder is built in a temp dir and swapped in at the end, so a failed run leaves the old ones intact.
@@ -28,10 +30,12 @@ import torch
 
 from attention_cnn.atomic import Owned, atomic_dir, check_output_dir
 from attention_cnn.data.prepared import load_split
-from attention_cnn.explain.figures import MethodFigure
+from attention_cnn.explain.figures import MethodFigure, draw_mosaic
+from attention_cnn.explain.metrics.grid import (Mosaics, build_mosaics, confident, grid_unsupported,
+                                                layout_for)
 from attention_cnn.explain.metrics.road import FRACTIONS
-from attention_cnn.explain.report import metric_files, road_records, sanity_records, summarize
-from attention_cnn.explain.scoring import Scored, build_methods, score_methods
+from attention_cnn.explain.report import metric_files, road_records, sanity_records, summarize, verdict
+from attention_cnn.explain.scoring import Scored, build_methods, score_methods, skipped_methods
 from attention_cnn.figures import draw_gallery, numbered_name, prediction_label
 from attention_cnn.inference import (check_model_matches, images_to_float, load_for_inference, model_device,
                                      predict_logits, spread_over_classes)
@@ -53,13 +57,36 @@ class EvaluateResult:
     headline: dict[str, float]          # what metrics_dir/metrics.json holds
 
 
-def explain_subset(model, images: torch.Tensor, masks: torch.Tensor | None, params: Params) -> Scored:
+def explain_subset(model, images: torch.Tensor, masks: torch.Tensor | None, params: Params,
+                   mosaics: Mosaics | None = None) -> Scored:
     """Every method in evaluate.methods, every score, on uint8 `images` (N, 3, S, S) (see explain/scoring.py)."""
     cfg = params.evaluate
+    for line in skipped_methods(cfg.methods, model).values():
+        print(f"evaluate: {line}")
     methods = build_methods(cfg.methods, model, params.seed, cfg.batch_size)
     x = images_to_float(images, model_device(model))                    # (N, 3, S, S)
     return score_methods(model, x, masks, methods, cfg.faithfulness_steps, cfg.batch_size, params.seed,
-                         cfg.sanity_images)
+                         cfg.sanity_images, mosaics)
+
+
+def grid_mosaics(model, images: torch.Tensor, labels: torch.Tensor, logits: torch.Tensor, num_classes: int,
+                 params: Params) -> Mosaics | None:
+    """The grid pointing game's mosaics from the whole test split, or None with one line saying why not."""
+    count = params.evaluate.mosaics
+    if count == 0:
+        return None
+    unsupported = grid_unsupported(model.params.attention, model.params.head)
+    if unsupported:
+        print(f"evaluate: {unsupported}")
+        return None
+    threshold = params.evaluate.grid_confidence
+    eligible = confident(logits.softmax(dim=1), labels, threshold)
+    mosaics = build_mosaics(images, labels, eligible, num_classes, count, params.seed)
+    if mosaics is None:
+        rows, cols = layout_for(num_classes)
+        print(f"evaluate: grid pointing game skipped: it needs correctly classified test images with probability "
+              f">= {threshold} (evaluate.grid_confidence) in at least {rows * cols} classes")
+    return mosaics
 
 
 def write_method_figures(folder: Path, scored: Scored, images: torch.Tensor, files: list[str], labels: torch.Tensor,
@@ -137,8 +164,12 @@ def evaluate(params: Params, prepared_dir: Path | str, model_path: Path | str, m
 
     subset = spread_over_classes(test.labels, cfg.faithfulness_images)   # balanced and deterministic
     masks = test.masks[subset] if test.masks is not None else None
-    scored = explain_subset(model, test.images[subset], masks, params)
+    mosaics = grid_mosaics(model, test.images, test.labels, logits, len(test.classes), params)
+    scored = explain_subset(model, test.images[subset], masks, params, mosaics)
     explained = summarize(scored, params.seed)
+    sentence = verdict(explained)
+    if sentence:
+        explained["verdict"] = sentence
     headline = headline_metrics(report, trained.best_epoch)
     files = metric_files(explained)                                      # "maps/<method>.json" -> scores
 
@@ -158,6 +189,9 @@ def evaluate(params: Params, prepared_dir: Path | str, model_path: Path | str, m
         write_json(out_tmp / "sanity.json", sanity_records(scored))
         write_method_figures(out_tmp / "maps", scored, test.images[subset], [test.files[i] for i in subset],
                              test.labels[subset], test.classes, cfg.figures)
+        if mosaics is not None and scored.methods:
+            draw_mosaic(out_tmp / "mosaic.png", mosaics, {n: r.mosaic_maps for n, r in scored.methods.items()},
+                        test.classes)
     maps = {f"{path.removesuffix('.json')}/{key}": value for path, content in files.items()
             if path.startswith("maps/") for key, value in content.items()}
     every = {**report.as_metrics(), **maps}

@@ -1,16 +1,18 @@
 """What a person reads: the metrics files `dvc metrics show` lists, the plot data, and the README's table.
 
 `dvc metrics show` makes one column of every key of every file it lists, shared by all rows, and must fit 160
-columns beside the headline's seven. So each method's file holds six short keys, the same in every file:
+columns beside the headline's seven. So each method's file holds seven short keys, the same in every file:
     del   deletion AUC (mean fill), lower is better      ins   insertion AUC (from blur), higher is better
     road  ROAD, mean of (LeRF - MoRF) / 2, higher        pg    pointing game hit rate, higher
     mass  relevance mass accuracy, higher                mprt  sanity check: Spearman correlation with the
-                                                               intact model's maps once every layer is
-                                                               randomised, lower is better (a pass is near 0)
+    grid  grid pointing game, share of the map's mass          intact model's maps once every layer is
+          in the explained class's cell, higher                randomised, lower is better (a pass is near 0)
 and the uncertainty comes in extra ROWS that share those columns, not in more columns:
     metrics/maps/<method>.json   the means over images          (rounded to 3 decimals: the intervals are wider)
     metrics/ci/<method>.json     the 95 % bootstrap interval's half-width, (high - low) / 2
     metrics/ci/paired.json       p-values of the learned mask against Grad-CAM, paired bootstrap, per score
+    metrics/ci/native-<m>.json   p-values of the native map against post-hoc method m (gradcam, ig, smoothgrad,
+                                 occlusion), the same test
 Everything at full precision, with both interval ends, is in output/evaluate/explain.json, which
 `python tools/attention_table.py` prints as the README's markdown table.
 """
@@ -22,8 +24,10 @@ import math
 from attention_cnn.explain.scoring import SCORES, Scored
 from attention_cnn.explain.statistics import Interval, bootstrap_ci, paired_p_value
 
-FILE_KEYS = ("del", "ins", "road", "pg", "mass")  # + "mprt"
+FILE_KEYS = ("del", "ins", "road", "pg", "mass", "grid")  # + "mprt"
 PAIRED = ("mask", "gradcam")
+NATIVE = "native"
+POST_HOC = ("gradcam", "ig", "smoothgrad", "occlusion")  # the field's methods the native map must beat
 DECIMALS = 3
 
 
@@ -41,18 +45,65 @@ def summarize(scored: Scored, seed: int) -> dict:
             entry["mprt"] = scored.cascade.correlation[name][-1]
         methods[name] = entry
     summary = {"methods": methods, "images": int(scored.targets.numel())}
+    if scored.mosaics is not None:
+        summary["mosaics"] = {"count": scored.mosaics.count, "layout": list(scored.mosaics.layout)}
     a, b = PAIRED
     if a in scored.methods and b in scored.methods:
-        paired = {}
-        for key in SCORES:
-            diff = scored.methods[a].scores[key] - scored.methods[b].scores[key]
-            p = paired_p_value(scored.methods[a].scores[key], scored.methods[b].scores[key], seed=seed)
-            if not math.isnan(p):
-                paired[key] = {"difference": float(diff[~diff.isnan()].double().mean()), "p": p}
-        summary["paired"] = {"methods": list(PAIRED), "scores": paired}
+        summary["paired"] = {"methods": list(PAIRED), "scores": paired_scores(scored, a, b, seed)}
+    if NATIVE in scored.methods:
+        summary["native"] = {other: paired_scores(scored, NATIVE, other, seed) for other in POST_HOC
+                             if other in scored.methods}
     if scored.cascade is not None:
         summary["sanity_layers"] = scored.cascade.layers
     return summary
+
+
+def paired_scores(scored: Scored, a: str, b: str, seed: int) -> dict[str, dict[str, float]]:
+    """{score: {"difference": mean(a - b), "p": paired bootstrap p-value}} over the units both scored."""
+    paired = {}
+    for key in SCORES:
+        diff = scored.methods[a].scores[key] - scored.methods[b].scores[key]
+        p = paired_p_value(scored.methods[a].scores[key], scored.methods[b].scores[key], seed=seed)
+        if not math.isnan(p):
+            paired[key] = {"difference": float(diff[~diff.isnan()].double().mean()), "p": p}
+    return paired
+
+
+def _p_text(p: float) -> str:
+    return "p < 0.001" if p < 0.001 else f"p = {p:.3f}"
+
+
+def verdict(summary: dict, other: str = "gradcam") -> str | None:
+    """One plain sentence: does the native map explain THIS model better than `other` on the grid pointing game
+    and ROAD? None when either map was not scored."""
+    methods, tests = summary["methods"], summary.get("native", {}).get(other)
+    if NATIVE not in methods or tests is None:
+        return None
+    title = {"gradcam": "Grad-CAM"}.get(other, other)
+    parts, wins, losses = [], 0, 0
+    for key, label in (("grid", "grid pointing game"), ("road", "ROAD")):
+        if key not in methods[NATIVE] or key not in methods[other] or key not in tests:
+            continue
+        ours, theirs, p = methods[NATIVE][key]["mean"], methods[other][key]["mean"], tests[key]["p"]
+        parts.append(f"{label} {ours:.2f} vs {theirs:.2f} (paired {_p_text(p)})")
+        significant = p < 0.05
+        wins += significant and ours > theirs
+        losses += significant and ours < theirs
+    if not parts:
+        return None
+    if wins == len(parts):
+        claim = f"the native map explains this model better than {title}"
+    elif losses == len(parts):
+        claim = f"the native map explains this model worse than {title}"
+    elif wins and not losses:
+        claim = f"the native map explains this model better than {title} on one score and no worse on the other"
+    elif losses and not wins:
+        claim = f"the native map explains this model worse than {title} on one score and no better on the other"
+    elif wins and losses:
+        claim = f"the native map and {title} each explain this model better on one score"
+    else:
+        claim = f"the native map and {title} explain this model equally well, as far as these images can tell"
+    return f"{claim}: {', '.join(parts)}."
 
 
 def metric_files(summary: dict) -> dict[str, dict[str, float]]:
@@ -68,6 +119,8 @@ def metric_files(summary: dict) -> dict[str, dict[str, float]]:
     if "paired" in summary:
         files["ci/paired.json"] = {k: round(v["p"], DECIMALS) for k, v in summary["paired"]["scores"].items()
                                    if k in FILE_KEYS}
+    for other, tests in summary.get("native", {}).items():
+        files[f"ci/{NATIVE}-{other}.json"] = {k: round(v["p"], DECIMALS) for k, v in tests.items() if k in FILE_KEYS}
     return files
 
 
@@ -89,7 +142,7 @@ def sanity_records(scored: Scored) -> list[dict]:
 
 
 HEADERS = {"del": "deletion AUC ↓", "ins": "insertion AUC ↑", "morf": "ROAD MoRF ↓", "lerf": "ROAD LeRF ↑",
-           "road": "ROAD ↑", "pg": "pointing game ↑", "mass": "relevance mass ↑"}
+           "road": "ROAD ↑", "pg": "pointing game ↑", "mass": "relevance mass ↑", "grid": "grid pointing game ↑"}
 
 
 def markdown_table(summary: dict) -> str:
@@ -106,10 +159,14 @@ def markdown_table(summary: dict) -> str:
         if has_mprt:
             cells.append(f"{entry['mprt']:.2f}" if "mprt" in entry else "–")
         lines.append("| " + " | ".join(cells) + " |")
+    pairs = []
     if "paired" in summary:
-        a, b = summary["paired"]["methods"]
-        tests = ", ".join(f"{HEADERS[k].rstrip(' ↑↓')} {v['difference']:+.3f} "
-                          f"({'p < 0.001' if v['p'] < 0.001 else 'p = ' + format(v['p'], '.3f')})"
-                          for k, v in summary["paired"]["scores"].items())
-        lines += ["", f"`{a}` − `{b}`, paired bootstrap over the same {summary['images']} images: {tests}."]
+        pairs.append((*summary["paired"]["methods"], summary["paired"]["scores"]))
+    pairs += [(NATIVE, other, tests) for other, tests in summary.get("native", {}).items()]
+    for a, b, scores in pairs:
+        tests = ", ".join(f"{HEADERS[k].rstrip(' ↑↓')} {v['difference']:+.3f} ({_p_text(v['p'])})"
+                          for k, v in scores.items())
+        units = f"{summary['images']} images" + (f" ({summary['mosaics']['count']} mosaics for the grid pointing game)"
+                                                 if "mosaics" in summary else "")
+        lines += ["", f"`{a}` − `{b}`, paired bootstrap over the same {units}: {tests}."]
     return "\n".join(lines)
