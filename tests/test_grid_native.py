@@ -233,3 +233,17 @@ def test_predict_draws_the_named_class_and_refuses_an_unknown_one_or_a_model_wit
     gmp = save_model(tmp_path / "gmp.pt", cam_model(head="gmp"), split.classes, resize="stretch")
     with pytest.raises(UserError, match="no native map"):
         predict_folder(gmp, folder, tmp_path / "out3", explain_class="runner-up", progress=False, workers=1)
+
+
+@pytest.mark.parametrize("attention", ["conv", "spatial"])
+def test_grad_cam_at_the_mask_output_of_a_cam_head_is_the_native_map_itself(attention, split):
+    """Why evaluate's Grad-CAM explains the trunk (before the mask): at the attended map, a linear head after
+    average pooling makes Grad-CAM's channel weights W_k / (h*w), so its map is the native map exactly."""
+    model = cam_model(attention)
+    images, targets = split.images[:4].float() / 255, torch.tensor([0, 2, 4, 5])
+    out = model(images)
+    out.attended.retain_grad()
+    out.logits[torch.arange(4), targets].sum().backward()
+    weights = out.attended.grad.mean(dim=(2, 3))                                   # (B, C)
+    gradcam = (weights[:, :, None, None] * out.attended).sum(dim=1).relu().detach()
+    assert torch.allclose(gradcam, NativeMap().raw(model, images, targets), atol=1e-6)
