@@ -98,8 +98,8 @@ def test_evaluate_writes_metrics_confusion_and_gallery(workspace, evaluated):
     methods = ["mask", "attended", "gradcam", "ig", "smoothgrad", "occlusion", "random", "edge"]
     for method in methods:
         scores = json.loads((workspace / f"metrics/maps/{method}.json").read_text())
-        assert set(scores) == {"del", "ins", "road", "pg", "mass", "grid", "mprt"}, method
-        assert 0 <= scores["grid"] <= 1, method
+        assert set(scores) == {"del", "ins", "road", "pg", "mass", "gpg", "mprt"}, method
+        assert 0 <= scores["gpg"] <= 1, method
         assert all(0 <= scores[k] <= 1 for k in ("del", "ins", "pg", "mass")), method
         assert -0.5 <= scores["road"] <= 0.5 and -1 <= scores["mprt"] <= 1
         full = evaluated.explained["methods"][method]
@@ -110,7 +110,7 @@ def test_evaluate_writes_metrics_confusion_and_gallery(workspace, evaluated):
     assert list(evaluated.explained["methods"]) == methods
     paired = json.loads((workspace / "metrics/ci/paired.json").read_text())
     # p-values rounded to 3 decimals: a clear difference on 9 images reads 0.0
-    assert set(paired) == {"del", "ins", "road", "pg", "mass", "grid"} and all(0 <= p <= 1 for p in paired.values())
+    assert set(paired) == {"del", "ins", "road", "pg", "mass", "gpg"} and all(0 <= p <= 1 for p in paired.values())
     assert json.loads((workspace / "metrics/maps/edge.json").read_text())["mprt"] == 1.0  # model-free: fails
     for order in ("morf", "lerf"):
         records = json.loads((workspace / f"output/evaluate/road_{order}.json").read_text())

@@ -39,11 +39,35 @@ def test_a_map_exactly_on_the_cell_scores_one_and_a_constant_map_one_over_cells(
     assert mosaics.layout == (2, 2) and mosaics.images.shape == (20, 3, 2 * S, 2 * S)
     exact = mosaics.cells.float() / 255
     assert torch.equal(grid_scores(exact, mosaics), torch.ones(5))
-    constant = torch.zeros(20, 2 * S, 2 * S)  # what min-max scaling makes of any constant map
+    constant = torch.zeros(20, 2 * S, 2 * S)  # no positive mass at all: read as uniform
     assert torch.allclose(grid_scores(constant, mosaics), torch.full((5,), 0.25))
     assert torch.allclose(grid_scores(torch.full((20, 2 * S, 2 * S), 0.7), mosaics), torch.full((5,), 0.25))
     # The wrong cell: no mass inside.
     assert torch.equal(grid_scores(exact.roll(1, dims=0), mosaics), torch.zeros(5))
+
+
+class Scripted(Explainer):
+    name = "scripted"
+
+    def __init__(self, maps):
+        self.maps = maps
+
+    def raw(self, model, images, targets):
+        return self.maps
+
+
+def test_the_grid_game_shares_out_the_positive_part_of_the_raw_map_not_the_min_max_scaled_map(split):
+    mosaics = build_mosaics(split.images, split.labels, everything(split), len(split.classes), count=2, seed=0)
+    cells = mosaics.cells.float() / 255
+    # Evidence in the cell, and a negative background of two levels (as occlusion's drops can be): all the
+    # positive mass is in the cell; min-max scaling lifts the -0.2 half of the background to 1/7 (share 0.82).
+    background = -0.2 - 0.2 * (torch.arange(2 * S) % 2).float().expand(2 * S, 2 * S)
+    raw = torch.where(cells > 0, cells, background)
+    method = Scripted(raw)
+    positive = method.positive(None, mosaics.images.float(), mosaics.targets)
+    assert torch.equal(positive, cells)
+    assert torch.equal(grid_scores(positive, mosaics), torch.ones(2))
+    assert (grid_scores(method(None, mosaics.images.float(), mosaics.targets), mosaics) < 0.9).all()
 
 
 def test_two_or_three_classes_make_one_by_two_mosaics_and_a_constant_map_scores_one_half(split):
@@ -148,16 +172,16 @@ def test_scoring_plays_the_grid_game_for_every_method_and_reports_native_against
     scored = score_methods(model, images, split.masks[:6], methods, steps=4, batch_size=6, seed=0,
                            sanity_images=0, mosaics=mosaics)
     for name, result in scored.methods.items():
-        grid = result.scores["grid"]
+        grid = result.scores["gpg"]
         assert grid.shape == (4,) and ((grid >= 0) & (grid <= 1)).all(), name
         assert result.mosaic_maps.shape == (4, 2 * S, 2 * S)
-    assert torch.equal(scored.methods["oracle"].scores["grid"], torch.ones(4))
+    assert torch.equal(scored.methods["oracle"].scores["gpg"], torch.ones(4))
     summary = summarize(scored, seed=0)
     assert summary["mosaics"] == {"count": 4, "layout": [2, 2]}
-    assert set(summary["native"]) == {"gradcam"} and "grid" in summary["native"]["gradcam"]
+    assert set(summary["native"]) == {"gradcam"} and "gpg" in summary["native"]["gradcam"]
     files = metric_files(summary)
-    assert "grid" in files["maps/native.json"] and "grid" in files["ci/native.json"]
-    assert "grid" in files["ci/native-gradcam.json"]
+    assert "gpg" in files["maps/native.json"] and "gpg" in files["ci/native.json"]
+    assert "gpg" in files["ci/vs-gradcam.json"]
 
 
 def entry(mean):
@@ -170,9 +194,9 @@ def entry(mean):
     (0.3, 0.4, 0.37, "the native map and Grad-CAM explain this model equally well"),
 ])
 def test_the_verdict_is_one_sentence_that_follows_the_paired_tests(p_grid, p_road, native_road, start):
-    summary = {"methods": {"native": {"grid": entry(0.81), "road": entry(native_road)},
-                           "gradcam": {"grid": entry(0.56), "road": entry(0.38)}},
-               "native": {"gradcam": {"grid": {"difference": 0.25, "p": p_grid},
+    summary = {"methods": {"native": {"gpg": entry(0.81), "road": entry(native_road)},
+                           "gradcam": {"gpg": entry(0.56), "road": entry(0.38)}},
+               "native": {"gradcam": {"gpg": {"difference": 0.25, "p": p_grid},
                                       "road": {"difference": native_road - 0.38, "p": p_road}}}}
     sentence = verdict(summary)
     assert sentence.startswith(start) and sentence.endswith(".") and "grid pointing game 0.81 vs 0.56" in sentence
@@ -247,3 +271,44 @@ def test_grad_cam_at_the_mask_output_of_a_cam_head_is_the_native_map_itself(atte
     weights = out.attended.grad.mean(dim=(2, 3))                                   # (B, C)
     gradcam = (weights[:, :, None, None] * out.attended).sum(dim=1).relu().detach()
     assert torch.allclose(gradcam, NativeMap().raw(model, images, targets), atol=1e-6)
+
+
+def test_the_widest_metrics_table_with_the_grid_column_fits_160_columns(tmp_path):
+    """`dvc metrics show` on dvc.yaml's declarations, every file present and every value as wide as it gets:
+    negative ROAD and sanity scores (the others lie in [0, 1]), p-values below 0.1, headline values at DVC's
+    5 decimals."""
+    import json
+    import os
+    import subprocess
+
+    import yaml
+
+    from e2e import REPO, VENV_BIN, run
+
+    declared = yaml.safe_load((REPO / "dvc.yaml").read_text())["metrics"]
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"metrics": declared}))
+    wide = {"mean": 0.123456, "low": 0.0, "high": 0.2468}
+    negative = {"mean": -0.123456, "low": -0.2468, "high": 0.0}
+    summary = {"methods": {m: {**{k: wide for k in ("del", "ins", "pg", "mass", "gpg")}, "road": negative,
+                               "mprt": -0.123456}
+                           for m in ("native", "mask", "attended", "gradcam", "ig", "smoothgrad", "occlusion",
+                                     "random", "edge")},
+               "paired": {"methods": ["mask", "gradcam"],
+                          "scores": {k: {"difference": 0.1, "p": 0.0123} for k in ("road", "gpg")}},
+               "native": {m: {k: {"difference": 0.1, "p": 0.0123} for k in ("road", "gpg")}
+                          for m in ("gradcam", "ig", "smoothgrad", "occlusion")}}
+    files = {f"metrics/{path}": content for path, content in metric_files(summary).items()}
+    files["metrics/evaluate/metrics.json"] = {"accuracy": 0.994444444, "guess": 0.167, "macro_f1": 0.99444444,
+                                              "loss": 0.023456789, "top2_accuracy": 0.99444444,
+                                              "ece": 0.0123456789, "best_epoch": 13}
+    assert sorted(files) == sorted(declared)
+    for path, content in files.items():
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_text(json.dumps(content))
+    run(["git", "init", "-q"], tmp_path)
+    run(["dvc", "init", "-q"], tmp_path)
+    env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}", "COLUMNS": "160"}
+    table = subprocess.run(["dvc", "metrics", "show"], cwd=tmp_path, env=env, capture_output=True, text=True).stdout
+    lines = table.splitlines()
+    assert "gpg" in lines[0].split() and len(lines) == 1 + len(declared), table
+    assert max(len(line.rstrip()) for line in lines) <= 160, table

@@ -57,13 +57,14 @@ def test_metrics_show_fits_160_columns(repo):
     for method in ("native", "mask", "attended", "gradcam", "ig", "smoothgrad", "occlusion", "random", "edge"):
         rows += [f"metrics/maps/{method}.json", f"metrics/ci/{method}.json"]
     # then the native map against each post-hoc method
-    natives = [f"metrics/ci/native-{m}.json" for m in ("gradcam", "ig", "smoothgrad", "occlusion")]
+    natives = [f"metrics/ci/vs-{m}.json" for m in ("gradcam", "ig", "smoothgrad", "occlusion")]
     assert [line.split()[0] for line in lines] == ["Path", *rows, "metrics/ci/paired.json", *natives]
-    assert set(lines[0].split()[1:]) >= {"accuracy", "guess", "best_epoch", "del", "ins", "road", "pg", "mass", "grid",
-                                         "mprt"}
-    # The tiny model scores the native map and plays the grid pointing game.
+    assert set(lines[0].split()[1:]) >= {"accuracy", "guess", "best_epoch", "del", "ins", "road", "pg", "mass", "mprt"}
+    # The tiny model (model.head=cam) scores the native map. Whether a 2-epoch model classifies test images of four
+    # classes correctly, as the grid pointing game needs, is luck: the widest table, grid column included, is
+    # checked on scripted files (test_grid_native.py).
     native = json.loads((repo / "metrics/maps/native.json").read_text())
-    assert 0 <= native["grid"] <= 1 and 0 <= native["mass"] <= 1
+    assert 0 <= native["mass"] <= 1 and 0 <= native["pg"] <= 1
 
 
 # Writes, once the page has loaded, how many of its images decoded into the DOM that --dump-dom prints.

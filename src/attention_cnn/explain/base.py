@@ -81,3 +81,9 @@ class Explainer:
 
     def __call__(self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return scale_unit(upsample(self.raw(model, images, targets).detach(), tuple(images.shape[-2:])))
+
+    def positive(self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """(B, H, W) the positive part of the raw map at image size, not rescaled: the mass the grid pointing game
+        shares out (Böhle et al. score positive attributions). Min-max scaling would shift a map whose minimum is
+        not 0 (occlusion's negative drops, |IG|'s floor) and spread mass evenly over every cell."""
+        return upsample(self.raw(model, images, targets).detach(), tuple(images.shape[-2:])).clamp_min(0)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from attention_cnn.explain.base import Explainer, cache_sized
+from attention_cnn.explain.base import Explainer, cache_sized, scale_unit
 from attention_cnn.explain.baselines import EdgeMap, RandomMap
 from attention_cnn.explain.metrics.deletion_insertion import ScoreFn, deletion_fill, deletion_insertion, perturbation
 from attention_cnn.explain.metrics.grid import Mosaics, grid_scores
@@ -32,9 +32,9 @@ from attention_cnn.params import EXPLAIN_METHODS
 
 METHODS = EXPLAIN_METHODS  # every method evaluate.methods may name, in the order tables and figures show them
 MASK_METHODS = ("mask", "attended")  # need a model that learns a mask (model.attention != none)
-# Per-image scores (morf and lerf: the ROAD curves' means over the removal fractions), and "grid", the grid
+# Per-image scores (morf and lerf: the ROAD curves' means over the removal fractions), and "gpg", the grid
 # pointing game, one per mosaic; "mprt", the sanity check, is one number per method.
-SCORES = ("del", "ins", "morf", "lerf", "road", "pg", "mass", "grid")
+SCORES = ("del", "ins", "morf", "lerf", "road", "pg", "mass", "gpg")
 
 
 def skipped_methods(names: list[str] | tuple[str, ...], model: AttentionCNN) -> dict[str, str]:
@@ -52,8 +52,8 @@ def skipped_methods(names: list[str] | tuple[str, ...], model: AttentionCNN) -> 
 @dataclass(frozen=True)
 class MethodResult:
     maps: torch.Tensor                 # (N, S, S) in [0, 1], on the CPU
-    scores: dict[str, torch.Tensor]    # score -> (N,) per image (NaN where undefined); "grid" (M,) per mosaic
-    mosaic_maps: torch.Tensor | None   # (cells, H, W) the maps of the first mosaic, one per cell's class
+    scores: dict[str, torch.Tensor]    # score -> (N,) per image (NaN where undefined); "gpg" (M,) per mosaic
+    mosaic_maps: torch.Tensor | None   # (cells, H, W) the first mosaic's maps, one per cell's class, in [0, 1]
     morf: torch.Tensor                 # (fractions,) mean ROAD curve, most relevant first
     lerf: torch.Tensor                 # (fractions,) least relevant first
 
@@ -102,6 +102,13 @@ def method_maps(method: Explainer, model: AttentionCNN, images: torch.Tensor, ta
                       for lo in range(0, images.shape[0], batch_size)])
 
 
+def positive_maps(method: Explainer, model: AttentionCNN, images: torch.Tensor, targets: torch.Tensor,
+                  batch_size: int) -> torch.Tensor:
+    """(N, 3, H, W) -> (N, H, W) the positive part of each raw map (Explainer.positive), batch by batch."""
+    return torch.cat([method.positive(model, images[lo:lo + batch_size], targets[lo:lo + batch_size]).float()
+                      for lo in range(0, images.shape[0], batch_size)])
+
+
 def score_methods(model: AttentionCNN, images: torch.Tensor, masks: torch.Tensor | None, methods: list[Explainer],
                   steps: int, batch_size: int, seed: int, sanity_images: int, mosaics: Mosaics | None = None) -> Scored:
     """Per-image scores of each method's maps on float images (N, 3, S, S) in [0, 1] on the model's device;
@@ -128,11 +135,11 @@ def score_methods(model: AttentionCNN, images: torch.Tensor, masks: torch.Tensor
                   "mass": nan if masks is None else relevance_mass(maps.cpu(), masks)}
         first = None
         if mosaic_images is None:
-            scores["grid"] = torch.full((1,), float("nan"))
+            scores["gpg"] = torch.full((1,), float("nan"))
         else:
-            grid_maps = method_maps(method, model, mosaic_images, mosaic_targets, batch_size).cpu()
-            scores["grid"] = grid_scores(grid_maps, mosaics)
-            first = grid_maps[:mosaics.per_mosaic]
+            grid_maps = positive_maps(method, model, mosaic_images, mosaic_targets, batch_size).cpu()
+            scores["gpg"] = grid_scores(grid_maps, mosaics)
+            first = scale_unit(grid_maps[:mosaics.per_mosaic])  # drawn like every other map, 0 to 1
         results[method.name] = MethodResult(maps=maps.cpu(), scores=scores, morf=removal.morf.mean(1),
                                             lerf=removal.lerf.mean(1), mosaic_maps=first)
     cascade = None

@@ -4,10 +4,12 @@ needs no ground-truth masks, so every user's own folder gets one.
 A mosaic puts test images of different classes side by side: 2 x 2 cells with four or more classes, 1 x 2 with
 two or three. Each cell holds an image that the model classifies correctly with a softmax probability of at
 least `CONFIDENCE` on its own (evaluate.grid_confidence, 0.9 by default), so that each cell certainly holds evidence for its class and for none of the
-others. A method explains each cell's class on the whole mosaic; the score is the share of the map's mass that
-falls inside that cell, sum(map * cell) / sum(map) (relevance mass with the cell as the mask, on the [0, 1]
-maps every method gives, whose minimum is 0: the positive part). 1/cells is no localisation; a constant map,
-which min-max scaling makes all zeros, is read as uniform and scores exactly that.
+others. A method explains each cell's class on the whole mosaic; the score is the share of the map's positive
+mass that falls inside that cell, sum(map+ * cell) / sum(map+) (relevance mass with the cell as the mask), on
+the positive part of each method's raw map at image size (Explainer.positive), as Böhle et al. score positive
+attributions: not on the min-max scaled maps, whose shift by the minimum would spread mass over every cell.
+1/cells is no localisation; a constant map, and a map with no positive mass, are read as uniform and score
+exactly that.
 
 The unit of the bootstrap and of the paired test is the mosaic (the mean over its cells), not the cell: the
 cells of one mosaic share their images, so they are not independent draws.
@@ -96,6 +98,7 @@ def build_mosaics(images: torch.Tensor, labels: torch.Tensor, eligible: torch.Te
 
 
 def grid_scores(maps: torch.Tensor, mosaics: Mosaics) -> torch.Tensor:
-    """(M * cells, H, W) maps in [0, 1], one per cell in `mosaics` order -> (M,) mean in-cell share per mosaic."""
+    """(M * cells, H, W) maps >= 0 (negative values count as 0), one per cell in `mosaics` order -> (M,) mean
+    in-cell share of the mass per mosaic."""
     shares = relevance_mass(maps.float().cpu(), mosaics.cells)              # (M * cells,)
     return shares.view(mosaics.count, mosaics.per_mosaic).mean(dim=1)
