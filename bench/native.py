@@ -111,7 +111,9 @@ def regrid(args) -> None:
     trained = load_for_inference(out / "model.pt")
     test = load_split(Path(args.work) / folder_name(args) / "prepared", "test")
     logits = predict_logits(trained.model, test.images, params.evaluate.batch_size)
-    mosaics = grid_mosaics(trained.model, test.images, test.labels, logits, len(test.classes), params)
+    mosaics, skipped = grid_mosaics(trained.model, test.images, test.labels, logits, len(test.classes), params)
+    if mosaics is None:
+        raise SystemExit(skipped)
     model, _ = channels_last(trained.model, test.images[:1].float())
     x = (mosaics.images.float() / 255).contiguous(memory_format=torch.channels_last)
     results = {}

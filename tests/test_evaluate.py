@@ -309,3 +309,17 @@ def test_visualize_refuses_an_unknown_colormap(workspace, tmp_path):
 def test_safe_name():
     assert safe_name("forêt/img 1.jpg") == "for_t_img_1.jpg"
     assert safe_name("..") == "image"
+
+
+def test_a_skipped_grid_game_says_so_in_one_line_and_in_its_figure(workspace, tmp_path, capsys):
+    params = parse_params({"img_size": S, "evaluate": {"batch_size": 8, "faithfulness_images": 3,
+                                                        "faithfulness_steps": 2, "sanity_images": 0, "figures": 0,
+                                                        "methods": ["random"], "mosaics": 0}})
+    result = evaluate(params, workspace / "prepared", workspace / "model_conv.pt", tmp_path / "metrics/evaluate",
+                      tmp_path / "output")
+    out = capsys.readouterr().out
+    assert "evaluate: grid pointing game skipped: evaluate.mosaics is 0" in out
+    assert "gpg" not in json.loads((tmp_path / "metrics/maps/random.json").read_text())
+    assert "mosaics" not in result.explained
+    with Image.open(tmp_path / "output/mosaic.png") as note:
+        assert note.size[0] > 100

@@ -30,7 +30,7 @@ import torch
 
 from attention_cnn.atomic import Owned, atomic_dir, check_output_dir
 from attention_cnn.data.prepared import load_split
-from attention_cnn.explain.figures import MethodFigure, draw_mosaic
+from attention_cnn.explain.figures import MethodFigure, draw_mosaic, draw_note
 from attention_cnn.explain.metrics.grid import (Mosaics, build_mosaics, confident, grid_unsupported,
                                                 layout_for)
 from attention_cnn.explain.metrics.road import FRACTIONS
@@ -70,23 +70,21 @@ def explain_subset(model, images: torch.Tensor, masks: torch.Tensor | None, para
 
 
 def grid_mosaics(model, images: torch.Tensor, labels: torch.Tensor, logits: torch.Tensor, num_classes: int,
-                 params: Params) -> Mosaics | None:
-    """The grid pointing game's mosaics from the whole test split, or None with one line saying why not."""
-    count = params.evaluate.mosaics
-    if count == 0:
-        return None
+                 params: Params) -> tuple[Mosaics | None, str | None]:
+    """The grid pointing game's mosaics from the whole test split, or None and one line saying why not."""
+    if params.evaluate.mosaics == 0:
+        return None, "grid pointing game skipped: evaluate.mosaics is 0"
     unsupported = grid_unsupported(model.params.attention, model.params.head)
     if unsupported:
-        print(f"evaluate: {unsupported}")
-        return None
+        return None, unsupported
     threshold = params.evaluate.grid_confidence
     eligible = confident(logits.softmax(dim=1), labels, threshold)
-    mosaics = build_mosaics(images, labels, eligible, num_classes, count, params.seed)
+    mosaics = build_mosaics(images, labels, eligible, num_classes, params.evaluate.mosaics, params.seed)
     if mosaics is None:
         rows, cols = layout_for(num_classes)
-        print(f"evaluate: grid pointing game skipped: it needs correctly classified test images with probability "
-              f">= {threshold} (evaluate.grid_confidence) in at least {rows * cols} classes")
-    return mosaics
+        return None, (f"grid pointing game skipped: it needs correctly classified test images with probability "
+                      f">= {threshold} (evaluate.grid_confidence) in at least {rows * cols} classes")
+    return mosaics, None
 
 
 def write_method_figures(folder: Path, scored: Scored, images: torch.Tensor, files: list[str], labels: torch.Tensor,
@@ -164,7 +162,9 @@ def evaluate(params: Params, prepared_dir: Path | str, model_path: Path | str, m
 
     subset = spread_over_classes(test.labels, cfg.faithfulness_images)   # balanced and deterministic
     masks = test.masks[subset] if test.masks is not None else None
-    mosaics = grid_mosaics(model, test.images, test.labels, logits, len(test.classes), params)
+    mosaics, grid_skipped = grid_mosaics(model, test.images, test.labels, logits, len(test.classes), params)
+    if grid_skipped:
+        print(f"evaluate: {grid_skipped}")
     scored = explain_subset(model, test.images[subset], masks, params, mosaics)
     explained = summarize(scored, params.seed)
     sentence = verdict(explained)
@@ -192,6 +192,8 @@ def evaluate(params: Params, prepared_dir: Path | str, model_path: Path | str, m
         if mosaics is not None and scored.methods:
             draw_mosaic(out_tmp / "mosaic.png", mosaics, {n: r.mosaic_maps for n, r in scored.methods.items()},
                         test.classes)
+        else:  # the figure dvc.yaml declares says why it is empty, so `dvc plots` has no missing file to warn of
+            draw_note(out_tmp / "mosaic.png", grid_skipped or "grid pointing game: no explanation method to draw")
     maps = {f"{path.removesuffix('.json')}/{key}": value for path, content in files.items()
             if path.startswith("maps/") for key, value in content.items()}
     every = {**report.as_metrics(), **maps}

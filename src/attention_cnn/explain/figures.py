@@ -27,6 +27,14 @@ TITLES = {"native": "native (class map)", "mask": "learned mask", "attended": "f
           "edge": "Sobel edges (baseline)"}
 
 
+def draw_note(path: Path, text: str, dpi: int = DPI) -> None:
+    """A small figure that holds one sentence: what stands in for a figure that could not be drawn."""
+    figure = Figure(figsize=(6.0, 0.8))
+    FigureCanvasAgg(figure)
+    figure.text(0.5, 0.5, text, ha="center", va="center", fontsize=7, wrap=True)
+    figure.savefig(path, dpi=dpi)
+
+
 def draw_mosaic(path: Path, mosaics, maps: dict[str, torch.Tensor], classes: list[str], dpi: int = DPI) -> None:
     """The grid pointing game's first mosaic: one row per cell, the mosaic with that cell outlined, then each
     method's map of that cell's class on the whole mosaic (`maps`: method -> (cells, H, W) in [0, 1])."""
