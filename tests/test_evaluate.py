@@ -70,9 +70,11 @@ def workspace(tmp_path_factory):
 
 # The one evaluate run with every method (a short last batch: 10 images in batches of 8, 10 the fewest that get
 # intervals); the other tests name a few methods, the cascade on 2 images, and no figures: every method on every
-# score costs seconds per run.
+# score costs seconds per run. Any correctly classified image enters the grid pointing game's 1 x 2 mosaics
+# (3 classes), so the briefly trained model plays it whatever its confidence; 10 mosaics get intervals too.
 PARAMS = parse_params({"img_size": S, "evaluate": {"batch_size": 8, "faithfulness_images": 10,
-                                                    "faithfulness_steps": 4, "sanity_images": 2, "figures": 2},
+                                                    "faithfulness_steps": 4, "sanity_images": 2, "figures": 2,
+                                                    "mosaics": 10, "grid_confidence": 0.0},
                        "visualize": {"num_images": 4, "per_class": 2}})
 # The stochastic parts: SmoothGrad's noise, the random map's seed, ROAD's noise, the bootstrap, the cascade's draws.
 FEW = parse_params({"img_size": S, "evaluate": {"batch_size": 8, "faithfulness_images": 9, "faithfulness_steps": 4,
@@ -96,7 +98,8 @@ def test_evaluate_writes_metrics_confusion_and_gallery(workspace, evaluated):
     methods = ["mask", "attended", "gradcam", "ig", "smoothgrad", "occlusion", "random", "edge"]
     for method in methods:
         scores = json.loads((workspace / f"metrics/maps/{method}.json").read_text())
-        assert set(scores) == {"del", "ins", "road", "pg", "mass", "mprt"}, method
+        assert set(scores) == {"del", "ins", "road", "pg", "mass", "gpg", "mprt"}, method
+        assert 0 <= scores["gpg"] <= 1, method
         assert all(0 <= scores[k] <= 1 for k in ("del", "ins", "pg", "mass")), method
         assert -0.5 <= scores["road"] <= 0.5 and -1 <= scores["mprt"] <= 1
         full = evaluated.explained["methods"][method]
@@ -107,7 +110,7 @@ def test_evaluate_writes_metrics_confusion_and_gallery(workspace, evaluated):
     assert list(evaluated.explained["methods"]) == methods
     paired = json.loads((workspace / "metrics/ci/paired.json").read_text())
     # p-values rounded to 3 decimals: a clear difference on 10 images reads 0.0
-    assert set(paired) == {"del", "ins", "road", "pg", "mass"} and all(0 <= p <= 1 for p in paired.values())
+    assert set(paired) == {"del", "ins", "road", "pg", "mass", "gpg"} and all(0 <= p <= 1 for p in paired.values())
     assert json.loads((workspace / "metrics/maps/edge.json").read_text())["mprt"] == 1.0  # model-free: fails
     for order in ("morf", "lerf"):
         records = json.loads((workspace / f"output/evaluate/road_{order}.json").read_text())
@@ -137,8 +140,9 @@ def test_evaluate_writes_metrics_confusion_and_gallery(workspace, evaluated):
     assert sorted(p.name for p in (workspace / "metrics/evaluate").iterdir()) == ["metrics.json"]
     assert sorted(p.name for p in (workspace / "metrics/maps").iterdir()) == sorted(f"{m}.json" for m in methods)
     assert sorted(p.name for p in (workspace / "output/evaluate").iterdir()) == [
-        "confusion.json", "explain.json", "maps", "misclassified.png", "per_class.json", "road_lerf.json",
-        "road_morf.json", "sanity.json"]
+        "confusion.json", "explain.json", "maps", "misclassified.png", "mosaic.png", "per_class.json",
+        "road_lerf.json", "road_morf.json", "sanity.json"]
+    assert evaluated.explained["mosaics"] == {"count": 3, "layout": [1, 2]}
 
 
 def test_evaluate_is_deterministic(workspace):
@@ -309,3 +313,17 @@ def test_visualize_refuses_an_unknown_colormap(workspace, tmp_path):
 def test_safe_name():
     assert safe_name("forêt/img 1.jpg") == "for_t_img_1.jpg"
     assert safe_name("..") == "image"
+
+
+def test_a_skipped_grid_game_says_so_in_one_line_and_in_its_figure(workspace, tmp_path, capsys):
+    params = parse_params({"img_size": S, "evaluate": {"batch_size": 8, "faithfulness_images": 3,
+                                                        "faithfulness_steps": 2, "sanity_images": 0, "figures": 0,
+                                                        "methods": ["random"], "mosaics": 0}})
+    result = evaluate(params, workspace / "prepared", workspace / "model_conv.pt", tmp_path / "metrics/evaluate",
+                      tmp_path / "output")
+    out = capsys.readouterr().out
+    assert "evaluate: grid pointing game skipped: evaluate.mosaics is 0" in out
+    assert "gpg" not in json.loads((tmp_path / "metrics/maps/random.json").read_text())
+    assert "mosaics" not in result.explained
+    with Image.open(tmp_path / "output/mosaic.png") as note:
+        assert note.size[0] > 100

@@ -45,11 +45,28 @@ def test_folders_are_seeded_and_their_classes_differ_in_shape_not_colour(tmp_pat
     assert np.array_equal(np.asarray(draw_image(1, "shapes", "circle", 5)),
                           np.asarray(draw_image(1, "shapes", "circle", 5)))
     folder = write_folder(tmp_path / "f", "shapes", 4, seed=1, size=32)
-    assert sorted(p.name for p in folder.iterdir()) == sorted(KINDS["shapes"])
+    assert sorted(p.name for p in folder.iterdir()) == sorted([*KINDS["shapes"], ".masks"])
     # Colour says nothing: the mean colour of the classes is about the same over many images.
     means = [np.mean([np.asarray(draw_image(0, "shapes", name, i, 32), dtype=float) for i in range(40)])
              for name in KINDS["shapes"]]
     assert max(means) - min(means) < 15
+
+
+def test_shapes_come_with_a_mask_of_the_shape_that_prepare_reads_and_textures_with_none(tmp_path):
+    from PIL import Image
+
+    params, out = prepared(tmp_path, "shapes", 4)
+    folder = Path(params.data.source)
+    for name in KINDS["shapes"]:
+        image = np.asarray(Image.open(folder / name / f"{name}_0000.png"), dtype=float)
+        mask = np.asarray(Image.open(folder / ".masks" / name / f"{name}_0000.png")) > 0
+        assert 0.05 < mask.mean() < 0.5
+        # Foreground and background are at least 150 apart (summed over RGB); the pixel noise has sigma 8.
+        assert np.abs(image[mask].mean(0) - image[~mask].mean(0)).sum() > 100
+    test = load_split(out, "test")
+    assert test.masks is not None and (test.masks.flatten(1) > 0).any(dim=1).all()
+    textures = write_folder(tmp_path / "t", "textures", 2, seed=1, size=32)
+    assert not (textures / ".masks").exists()
 
 
 @pytest.mark.parametrize("num_train, batch, epochs, expected", [

@@ -42,7 +42,8 @@ def _predict(args: argparse.Namespace) -> None:
 
     _check_given_model(args.model)
     predict_folder(args.model, args.images, args.out, top_k=args.top_k, batch_size=args.batch_size,
-                   figures=not args.no_figures, colormap=args.colormap, alpha=args.alpha, workers=args.workers)
+                   figures=not args.no_figures, colormap=args.colormap, alpha=args.alpha, workers=args.workers,
+                   explain_class=args.explain_class)
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -145,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--alpha", type=float, default=VisualizeParams.alpha,
                          help="overlay opacity of the figures (default: %(default)s)")
     predict.add_argument("--workers", type=int, default=0, help="decode processes; 0 = one per core (default)")
+    predict.add_argument("--explain-class", default="predicted",
+                         help="the class whose native map (model.head=cam) each figure draws: predicted, "
+                              "runner-up, or a class name (default: %(default)s)")
     predict.set_defaults(run=_predict)
 
     _add_train(commands)

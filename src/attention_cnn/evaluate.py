@@ -12,7 +12,9 @@ and what `dvc plots show` draws:
 - `output_dir/misclassified.png`: the most confident mistakes, each titled true / predicted / confidence;
 - `output_dir/road_morf.json`, `road_lerf.json`, `sanity.json`: the ROAD curves and the sanity check, one line
   per method; `output_dir/maps/NN_<image>.png`: the input and every method's map, one figure per image;
-- `output_dir/explain.json`: every score with both interval ends (`python tools/attention_table.py` prints it).
+- `output_dir/mosaic.png`: the first mosaic of the grid pointing game and each method's map of each cell's class;
+- `output_dir/explain.json`: every score with both interval ends (`python tools/attention_table.py` prints it),
+  and `verdict`, one sentence on whether the native map explains this model better than Grad-CAM.
 What it was asked for and cannot give (the mask of a model without one, the pointing game without ground-truth
 masks, intervals from fewer than MIN_IMAGES images) gets one line on stdout, kept in explain.json's "notes".
 
@@ -30,10 +32,12 @@ import torch
 
 from attention_cnn.atomic import Owned, atomic_dir, check_output_dir
 from attention_cnn.data.prepared import load_split
-from attention_cnn.explain.figures import MethodFigure
+from attention_cnn.explain.figures import MethodFigure, draw_mosaic, draw_note
+from attention_cnn.explain.metrics.grid import (Mosaics, build_mosaics, confident, grid_unsupported,
+                                                layout_for)
 from attention_cnn.explain.metrics.road import FRACTIONS
-from attention_cnn.explain.report import metric_files, road_records, sanity_records, summarize
-from attention_cnn.explain.scoring import MASK_METHODS, Scored, build_methods, score_methods
+from attention_cnn.explain.report import metric_files, road_records, sanity_records, summarize, verdict
+from attention_cnn.explain.scoring import MASK_METHODS, Scored, build_methods, score_methods, skipped_methods
 from attention_cnn.explain.statistics import MIN_IMAGES
 from attention_cnn.figures import draw_gallery, numbered_name, prediction_label
 from attention_cnn.inference import (check_model_matches, images_to_float, load_for_inference, model_device,
@@ -56,22 +60,43 @@ class EvaluateResult:
     headline: dict[str, float]          # what metrics_dir/metrics.json holds
 
     def summary(self) -> list[str]:
-        """What the stage and `attention-cnn evaluate` print: the headline numbers and, when the model is no
-        better than guessing, the same warning train prints."""
+        """What the stage and `attention-cnn evaluate` print: the headline numbers, the verdict on the native map
+        and, when the model is no better than guessing, the same warning train prints."""
         report = self.report
         lines = [f"evaluate: test accuracy {report.accuracy:.4f}, macro F1 {report.macro_f1:.4f}"]
+        if "verdict" in self.explained:
+            lines.append(f"evaluate: {self.explained['verdict']}")
         warning = not_learned_warning("test accuracy", report.accuracy, len(report.per_class),
                                       len(report.predictions))
         return lines + ([warning] if warning else [])
 
 
-def explain_subset(model, images: torch.Tensor, masks: torch.Tensor | None, params: Params) -> Scored:
+def explain_subset(model, images: torch.Tensor, masks: torch.Tensor | None, params: Params,
+                   mosaics: Mosaics | None = None) -> Scored:
     """Every method in evaluate.methods, every score, on uint8 `images` (N, 3, S, S) (see explain/scoring.py)."""
     cfg = params.evaluate
     methods = build_methods(cfg.methods, model, params.seed, cfg.batch_size)
     x = images_to_float(images, model_device(model))                    # (N, 3, S, S)
     return score_methods(model, x, masks, methods, cfg.faithfulness_steps, cfg.batch_size, params.seed,
-                         cfg.sanity_images)
+                         cfg.sanity_images, mosaics)
+
+
+def grid_mosaics(model, images: torch.Tensor, labels: torch.Tensor, logits: torch.Tensor, num_classes: int,
+                 params: Params) -> tuple[Mosaics | None, str | None]:
+    """The grid pointing game's mosaics from the whole test split, or None and one line saying why not."""
+    if params.evaluate.mosaics == 0:
+        return None, "grid pointing game skipped: evaluate.mosaics is 0"
+    unsupported = grid_unsupported(model.params.attention, model.params.head)
+    if unsupported:
+        return None, unsupported
+    threshold = params.evaluate.grid_confidence
+    eligible = confident(logits.softmax(dim=1), labels, threshold)
+    mosaics = build_mosaics(images, labels, eligible, num_classes, params.evaluate.mosaics, params.seed)
+    if mosaics is None:
+        rows, cols = layout_for(num_classes)
+        return None, (f"grid pointing game skipped: it needs correctly classified test images with probability "
+                      f">= {threshold} (evaluate.grid_confidence) in at least {rows * cols} classes")
+    return mosaics, None
 
 
 def not_scored_lines(methods: tuple[str, ...], learns_mask: bool, images: int, has_masks: bool) -> list[str]:
@@ -173,10 +198,17 @@ def evaluate(params: Params, prepared_dir: Path | str, model_path: Path | str, m
     subset = spread_over_classes(test.labels, cfg.faithfulness_images)   # balanced and deterministic
     masks = test.masks[subset] if test.masks is not None else None
     notes = not_scored_lines(cfg.methods, model.learns_mask, len(subset), masks is not None)
+    native_skipped = skipped_methods(cfg.methods, model).get("native")
+    notes = [f"evaluate: {native_skipped}"] * bool(native_skipped) + notes
+    mosaics, grid_skipped = grid_mosaics(model, test.images, test.labels, logits, len(test.classes), params)
+    notes += [f"evaluate: {grid_skipped}"] if grid_skipped else []
     for line in notes:
         print(line)
-    scored = explain_subset(model, test.images[subset], masks, params)
+    scored = explain_subset(model, test.images[subset], masks, params, mosaics)
     explained = {**summarize(scored, params.seed), "notes": notes}
+    sentence = verdict(explained)
+    if sentence:
+        explained["verdict"] = sentence
     headline = headline_metrics(report, trained.best_epoch)
     files = metric_files(explained)                                      # "maps/<method>.json" -> scores
 
@@ -196,6 +228,11 @@ def evaluate(params: Params, prepared_dir: Path | str, model_path: Path | str, m
         write_json(out_tmp / "sanity.json", sanity_records(scored))
         write_method_figures(out_tmp / "maps", scored, test.images[subset], [test.files[i] for i in subset],
                              test.labels[subset], test.classes, cfg.figures)
+        if mosaics is not None and scored.methods:
+            draw_mosaic(out_tmp / "mosaic.png", mosaics, {n: r.mosaic_maps for n, r in scored.methods.items()},
+                        test.classes)
+        else:  # the figure dvc.yaml declares says why it is empty, so `dvc plots` has no missing file to warn of
+            draw_note(out_tmp / "mosaic.png", grid_skipped or "grid pointing game: no explanation method to draw")
     maps = {f"{path.removesuffix('.json')}/{key}": value for path, content in files.items()
             if path.startswith("maps/") for key, value in content.items()}
     every = {**report.as_metrics(), **maps}

@@ -25,7 +25,8 @@ HEADS = ("gmp", "gap", "flatten", "cam")
 FLIPS = ("horizontal", "both", "none")
 DEVICES = ("auto", "cpu", "cuda")
 # The explanation methods evaluate.methods may name (explain/scoring.py builds them, in this order).
-EXPLAIN_METHODS = ("mask", "attended", "gradcam", "ig", "smoothgrad", "occlusion", "random", "edge")
+# native: the model's own class map, for model.head=cam only (explain/methods.py).
+EXPLAIN_METHODS = ("native", "mask", "attended", "gradcam", "ig", "smoothgrad", "occlusion", "random", "edge")
 
 
 class ParamsError(UserError):
@@ -130,6 +131,10 @@ class EvaluateParams:
     faithfulness_steps: int = field(default=16, metadata=_int(2, 1024))
     methods: tuple[str, ...] = field(default=EXPLAIN_METHODS, metadata=_subset(*EXPLAIN_METHODS))
     sanity_images: int = field(default=4, metadata=_int(0, 100_000))  # 0 skips the randomisation check
+    # mosaics of confidently-classified test images for the grid pointing game; 0 skips it
+    mosaics: int = field(default=20, metadata=_int(0, 100_000))
+    # softmax probability of the true class a correctly classified test image needs to enter a mosaic
+    grid_confidence: float = field(default=0.9, metadata=_float(0.0, 1.0))
     figures: int = field(default=12, metadata=_int(0, 1000))            # images drawn with every method's map
 
 

@@ -11,8 +11,10 @@ Writes into the --out folder:
     skipped.csv      file, reason: image files that could not be decoded, files that are not images, and
                      folders that could not be listed ("sub/")
     <file>.png       the input | before | mask | after figure of each image (panels.py; input | feature map for a
-                     model without attention), unless figures=False;
-                     named by figure_names, unique and short whatever the names and depth of the files
+                     model without attention), unless figures=False; named by figure_names, unique and short
+                     whatever the names and depth of the files; for model.head=cam one more panel, the native
+                     map of the predicted class, or of the class --explain-class names (runner-up: the second
+                     most probable)
 Names that are not valid UTF-8 are written with escapes ("\\xff", discover.display_name).
 Bad files are reported, never fatal; the run fails (UserError) only when nothing could be predicted.
 """
@@ -38,7 +40,7 @@ from attention_cnn.model import TrainedModel
 from attention_cnn.params import VisualizeParams
 from attention_cnn.figures import prediction_label, unique_stem
 from attention_cnn.inference import load_for_inference
-from attention_cnn.panels import PanelFigure, check_colormap, compute_panels
+from attention_cnn.panels import EXPLAIN_CHOICES, PanelFigure, check_colormap, compute_panels
 
 DEFAULT_TOP_K = 3          # classes listed per image when --top-k is not given (fewer if the model has fewer)
 MIN_FILES_PER_WORKER = 64  # below this a decode process costs more than it saves
@@ -159,15 +161,27 @@ def _read_images(images_dir: Path, out_dir: Path, trained: TrainedModel, workers
                    pixels=torch.from_numpy(np.stack([decoded[i].pixels for i in kept])))
 
 
+def explain_target(trained: TrainedModel, explain_class: str) -> str | int:
+    """--explain-class as compute_panels takes it: 'predicted', 'runner-up', or the index of a class name."""
+    if explain_class in EXPLAIN_CHOICES:
+        if explain_class == "runner-up" and len(trained.classes) < 2:
+            raise UserError("--explain-class runner-up needs a model of at least two classes.")
+        return explain_class
+    if explain_class in trained.classes:
+        return trained.classes.index(explain_class)
+    raise UserError(f"--explain-class {explain_class!r}: not one of {', '.join(EXPLAIN_CHOICES)} or a class of the "
+                    f"model ({', '.join(trained.classes)}).")
+
+
 def _classify(trained: TrainedModel, inputs: _Inputs, tmp: Path, top_k: int, batch_size: int,
-              figure: PanelFigure | None, progress: bool) -> list[Prediction]:
+              figure: PanelFigure | None, progress: bool, explain: str | int = "predicted") -> list[Prediction]:
     """Predict every input in batches; with `figure`, save each one's figure into `tmp`."""
     classes, files = trained.classes, inputs.files
     names = figure_names(files) if figure is not None else []
     predictions = []
     with tqdm(total=len(files), desc="predict", unit="img", disable=not progress) as bar:
         for lo in range(0, len(files), batch_size):
-            panels = compute_panels(trained.model, inputs.pixels[lo:lo + batch_size], batch_size)
+            panels = compute_panels(trained.model, inputs.pixels[lo:lo + batch_size], batch_size, explain)
             top_p, top_i = panels.probs.topk(top_k, dim=1)                # (b, k)
             for j in range(panels.probs.shape[0]):
                 n = lo + j
@@ -194,7 +208,8 @@ def _predictions_table(predictions: list[Prediction], top_k: int) -> tuple[list[
 
 def predict_folder(model_path: Path | str, images_dir: Path | str, out_dir: Path | str, top_k: int | None = None,
                    batch_size: int = 256, figures: bool = True, colormap: str = VisualizeParams.colormap,
-                   alpha: float = VisualizeParams.alpha, workers: int = 0, progress: bool = True) -> PredictResult:
+                   alpha: float = VisualizeParams.alpha, workers: int = 0, progress: bool = True,
+                   explain_class: str = "predicted") -> PredictResult:
     images_dir, out_dir = Path(images_dir), Path(out_dir)
     if not images_dir.is_dir():
         raise UserError(f"--images {images_dir}: not a folder. Give the folder that holds the images.")
@@ -209,10 +224,16 @@ def predict_folder(model_path: Path | str, images_dir: Path | str, out_dir: Path
         top_k = min(DEFAULT_TOP_K, len(trained.classes))
     elif not 1 <= top_k <= len(trained.classes):
         raise UserError(f"--top-k must be between 1 and the model's {len(trained.classes)} classes, got {top_k}.")
+    native = trained.model.params.head == "cam"
+    if explain_class != "predicted" and not native:
+        raise UserError(f"--explain-class {explain_class}: this model has no native map (it is drawn for "
+                        f"model.head=cam; this model has model.head={trained.model.params.head}).")
+    explain = explain_target(trained, explain_class)
     inputs = _read_images(images_dir, out_dir, trained, workers, progress)
     with atomic_dir(out_dir, PREDICT_FILES) as tmp:
-        figure = PanelFigure(1, colormap, alpha, mask_panel=trained.model.learns_mask) if figures else None
-        predictions = _classify(trained, inputs, tmp, top_k, batch_size, figure, progress)
+        figure = PanelFigure(1, colormap, alpha, mask_panel=trained.model.learns_mask, native_panel=native,
+                             classes=trained.classes) if figures else None
+        predictions = _classify(trained, inputs, tmp, top_k, batch_size, figure, progress, explain)
         _write_csv(tmp / "skipped.csv", ["file", "reason"], [[s.file, s.reason] for s in inputs.skipped])
         _write_csv(tmp / "predictions.csv", *_predictions_table(predictions, top_k))
     print(f"predict: {len(predictions)} images -> {out_dir / 'predictions.csv'}"

@@ -10,6 +10,9 @@ differ in shape, in colours that say nothing about the class; these folders test
     noise     the shapes' classes with the pixels of pure noise: nothing to learn (for the "did not learn" check).
 
 Every image has its own RNG seeded by (seed, kind, class, index), so a folder is the same on every machine.
+The shapes folder also gets ground-truth masks of the shape (255 inside), in `.masks/<class>/<stem>.png` as the
+built-in sample stores them, so relevance mass and the pointing game run on it; textures fill the whole image
+and noise has no evidence, so they get none.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from attention_cnn.atomic import atomic_dir
+from attention_cnn.data.discover import MASKS_DIR
 from attention_cnn.data.sample import rng_for
 
 KINDS = {
@@ -38,21 +42,25 @@ def _two_colours(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
             return fg, bg
 
 
-def _shape(rng: np.random.Generator, name: str, size: int) -> np.ndarray:
+def _shape(rng: np.random.Generator, name: str, size: int) -> tuple[np.ndarray, Image.Image]:
+    """The shape's pixels and its mask (mode L, 255 inside), drawn with the same geometry."""
     fg, bg = _two_colours(rng)
     image = Image.new("RGB", (size, size), tuple(int(v) for v in bg))
+    mask = Image.new("L", (size, size), 0)
     r = rng.uniform(0.15, 0.35) * size                  # circumradius
     cx, cy = rng.uniform(r, size - r, 2)                # the whole shape stays inside
     sides = {"circle": 0, "square": 4, "triangle": 3}[name]
-    draw = ImageDraw.Draw(image)
+    draws = [(ImageDraw.Draw(image), tuple(int(v) for v in fg)), (ImageDraw.Draw(mask), 255)]
     if sides == 0:
-        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=tuple(int(v) for v in fg))
+        for draw, fill in draws:
+            draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
     else:
         start = rng.uniform(0, 2 * math.pi)
         angles = [start + 2 * math.pi * k / sides for k in range(sides)]
         corners = [(cx + r * math.cos(a), cy + r * math.sin(a)) for a in angles]
-        draw.polygon(corners, fill=tuple(int(v) for v in fg))
-    return np.asarray(image, dtype=np.float32)
+        for draw, fill in draws:
+            draw.polygon(corners, fill=fill)
+    return np.asarray(image, dtype=np.float32), mask
 
 
 def _texture(rng: np.random.Generator, name: str, size: int) -> np.ndarray:
@@ -73,9 +81,16 @@ def _texture(rng: np.random.Generator, name: str, size: int) -> np.ndarray:
 
 def draw_image(seed: int, kind: str, name: str, index: int, size: int = 96) -> Image.Image:
     """Image `index` of class `name` of `kind`: the same pixels for the same arguments."""
+    return draw_with_mask(seed, kind, name, index, size)[0]
+
+
+def draw_with_mask(seed: int, kind: str, name: str, index: int,
+                   size: int = 96) -> tuple[Image.Image, Image.Image | None]:
+    """Image `index` of class `name` of `kind` and its ground-truth mask (shapes only, else None)."""
     rng = rng_for(seed, f"{kind}/{name}", index)
+    mask = None
     if kind == "shapes":
-        pixels = _shape(rng, name, size)
+        pixels, mask = _shape(rng, name, size)
     elif kind == "textures":
         pixels = _texture(rng, name, size)
     elif kind == "noise":
@@ -83,14 +98,19 @@ def draw_image(seed: int, kind: str, name: str, index: int, size: int = 96) -> I
     else:
         raise ValueError(f"unknown kind {kind!r}; expected one of {sorted(KINDS)}")
     pixels += rng.normal(0.0, 8.0, pixels.shape)        # light pixel noise
-    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB"), mask
 
 
 def write_folder(out_dir: Path | str, kind: str, per_class: int, seed: int = 0, size: int = 96) -> Path:
-    """Write `<out_dir>/<class>/<class>_NNNN.png`, per_class images of each class of `kind`, atomically."""
+    """Write `<out_dir>/<class>/<class>_NNNN.png`, per_class images of each class of `kind`, atomically, and for
+    shapes `<out_dir>/.masks/<class>/<class>_NNNN.png`."""
     with atomic_dir(out_dir) as staging:
         for name in KINDS[kind]:
             (staging / name).mkdir()
             for i in range(per_class):
-                draw_image(seed, kind, name, i, size).save(staging / name / f"{name}_{i:04d}.png")
+                image, mask = draw_with_mask(seed, kind, name, i, size)
+                image.save(staging / name / f"{name}_{i:04d}.png")
+                if mask is not None:
+                    (staging / MASKS_DIR / name).mkdir(parents=True, exist_ok=True)
+                    mask.save(staging / MASKS_DIR / name / f"{name}_{i:04d}.png")
     return Path(out_dir)

@@ -17,11 +17,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-def upsample(maps: torch.Tensor, size: int) -> torch.Tensor:
-    """(B, h, w) -> (B, size, size), bilinear; a map already at that size is returned as float."""
-    if maps.shape[-2:] == (size, size):
+def upsample(maps: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
+    """(B, h, w) -> (B, size, size), or (B, H, W) for size (H, W) (a 1 x 2 mosaic is not square), bilinear; a map
+    already at that size is returned as float."""
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    if tuple(maps.shape[-2:]) == size:
         return maps.float()
-    return F.interpolate(maps[:, None].float(), size=(size, size), mode="bilinear", align_corners=False)[:, 0]
+    return F.interpolate(maps[:, None].float(), size=size, mode="bilinear", align_corners=False)[:, 0]
 
 
 def scale_unit(maps: torch.Tensor) -> torch.Tensor:
@@ -69,7 +71,7 @@ def plain(images: torch.Tensor) -> torch.Tensor:
 
 
 class Explainer:
-    """Base class: `method(model, images, targets)` with images (B, 3, S, S) in [0, 1] -> (B, S, S) in [0, 1]."""
+    """Base class: `method(model, images, targets)` with images (B, 3, H, W) in [0, 1] -> (B, H, W) in [0, 1]."""
 
     name = "explainer"
 
@@ -78,4 +80,10 @@ class Explainer:
         raise NotImplementedError
 
     def __call__(self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return scale_unit(upsample(self.raw(model, images, targets).detach(), images.shape[-1]))
+        return scale_unit(upsample(self.raw(model, images, targets).detach(), tuple(images.shape[-2:])))
+
+    def positive(self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """(B, H, W) the positive part of the raw map at image size, not rescaled: the mass the grid pointing game
+        shares out (Böhle et al. score positive attributions). Min-max scaling would shift a map whose minimum is
+        not 0 (occlusion's negative drops, |IG|'s floor) and spread mass evenly over every cell."""
+        return upsample(self.raw(model, images, targets).detach(), tuple(images.shape[-2:])).clamp_min(0)

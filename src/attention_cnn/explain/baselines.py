@@ -26,9 +26,9 @@ class RandomMap(Explainer):
 
     def raw(self, model, images, targets):
         # A fresh generator per call: the same images get the same noise however often they are explained.
-        size = feature_size(images.shape[-1])
+        h, w = feature_size(images.shape[-2]), feature_size(images.shape[-1])
         generator = torch.Generator().manual_seed(self.seed)
-        return torch.rand(images.shape[0], size, size, generator=generator).to(images.device)
+        return torch.rand(images.shape[0], h, w, generator=generator).to(images.device)
 
 
 def sobel_magnitude(images: torch.Tensor) -> torch.Tensor:

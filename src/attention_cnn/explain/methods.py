@@ -5,8 +5,13 @@
 - AttendedMap: what the head actually receives, features x mask, as the max over channels (the "after" panel
   of the visualize stage). Where the mask is the same for every channel (spatial, ltpa) it ranks positions like
   the mask weighted by feature strength; for conv and dense masks it differs in meaning, so both are scored.
+- NativeMap: for model.head=cam only, the model's own map of the explained class, read off the forward pass:
+  `AttentionCNN.class_maps`, whose sum over positions plus the class bias is the logit exactly (Zhou et al.
+  2016's CAM, through the mask). Its positive part, as Grad-CAM's: the positions that raise the logit.
 - GradCAM (Selvaraju et al. 2017): Captum's LayerGradCam on the output of `model.trunk`, the layer the mask
-  multiplies, ReLU'd; upsampled bilinearly and min-max scaled per image by the base class.
+  multiplies, ReLU'd; upsampled bilinearly and min-max scaled per image by the base class. It explains the trunk,
+  before the mask, on purpose: at the mask's output, on a cam head, Grad-CAM's weights are the head's class
+  weights divided by h*w, so Grad-CAM there would be the native map again (an identity, not a rival).
 - IntegratedGradients (Sundararajan et al. 2017) from the training images' mean colour (zero after the model's
   normalisation, the same neutral image deletion fills with), `IG_STEPS` Gauss-Legendre steps; |attribution|
   summed over colour channels.
@@ -44,6 +49,16 @@ class AttendedMap(Explainer):
     def raw(self, model, images, targets):
         with torch.no_grad():
             return model(images).attended.float().amax(dim=1)  # (B, h, w)
+
+
+class NativeMap(Explainer):
+    name = "native"
+
+    def raw(self, model, images, targets):
+        with torch.no_grad():
+            maps = model.class_maps(model(images).attended)                     # (B, K, h, w)
+            explained = maps[torch.arange(maps.shape[0], device=maps.device), targets]
+        return explained.float().clamp_min(0)                                   # (B, h, w)
 
 
 class GradCAM(Explainer):
