@@ -19,7 +19,7 @@ from attention_cnn.errors import UserError
 
 ATTENTION_VARIANTS = ("none", "dense", "conv", "spatial", "ltpa")
 RESIZE_POLICIES = ("stretch", "center_crop", "pad")
-LR_SCHEDULES = ("cosine", "step", "constant")
+LR_SCHEDULES = ("wsd", "cosine", "step", "constant")
 HEADS = ("gmp", "gap", "flatten", "cam")
 FLIPS = ("horizontal", "both", "none")
 DEVICES = ("auto", "cpu", "cuda")
@@ -103,7 +103,10 @@ class TrainParams:
     lr: float = field(default=0.002, metadata=_float(0.0, 10.0, lo_open=True))
     weight_decay: float = field(default=0.0001, metadata=_float(0.0, 1.0))
     label_smoothing: float = field(default=0.0, metadata=_float(0.0, 1.0, hi_open=True))
-    lr_schedule: str = field(default="cosine", metadata=_choice(*LR_SCHEDULES))
+    lr_schedule: str = field(default="wsd", metadata=_choice(*LR_SCHEDULES))
+    # wsd only: fractions of the run's steps spent warming the LR up from 0, and decaying it to 0 at the end
+    warmup: float = field(default=0.05, metadata=_float(0.0, 0.5))
+    decay: float = field(default=0.3, metadata=_float(0.0, 1.0))
     patience: int = field(default=10, metadata=_int(1, 10_000))
     augment: bool = field(default=True, metadata=_bool())
     max_shift: float = field(default=0.1, metadata=_float(0.0, 0.5))
