@@ -108,7 +108,7 @@ def test_training_learns_and_writes_model_and_metrics_and_removes_its_checkpoint
         rows = plot_rows(out, name)
         assert rows[0] == f"step\t{name.split('/')[-1]}" and len(rows) == 1 + 4, name
     lrs = [float(r.split("\t")[1]) for r in plot_rows(out, "lr")[1:]]
-    assert lrs[0] == 0.03 and lrs == sorted(lrs, reverse=True)  # cosine decay
+    assert lrs[0] == 0.03 and lrs == sorted(lrs, reverse=True)  # wsd: warm-up done in step 1, stable, decaying
     metrics = json.loads((out / "metrics" / "metrics.json").read_text())
     assert metrics["best"] == {"epoch": result.best_epoch, "val_accuracy": result.best_val_accuracy,
                                "val_loss": result.best_val_loss}
