@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
 import pytest
 import yaml
 
@@ -162,3 +163,26 @@ def test_patience_counts_only_in_the_decay_phase_unless_val_is_perfect():
     for n in range(1, 5):
         perfect.update(epoch(n, 1.0, 0.05))
     assert perfect.stopping_early and perfect.best_epoch == 1
+
+
+class Killed(Exception):
+    pass
+
+
+def test_a_wsd_run_resumed_after_a_kill_ends_bit_identical(tmp_path):
+    # The per-step schedule's position is in the checkpoint: a resumed run goes on at the same LR.
+    params, folder = prepared(tmp_path, "textures", 8, steps=40, val_every=10)
+
+    def kill_after_second(result):
+        if result.epoch == 2:
+            raise Killed
+
+    whole = train(params, folder, tmp_path / "a.pt", tmp_path / "ckpt-a", None, progress=False)
+    with pytest.raises(Killed):
+        train(params, folder, tmp_path / "b.pt", tmp_path / "ckpt-b", None, progress=False,
+              on_epoch_end=kill_after_second)
+    resumed = train(params, folder, tmp_path / "b.pt", tmp_path / "ckpt-b", None, progress=False)
+    speedless = lambda history: [dataclasses.replace(h, images_per_s=0.0) for h in history]  # noqa: E731
+    assert resumed.resumed_from == 2 and speedless(resumed.history) == speedless(whole.history)
+    a, b = (load_model(tmp_path / name).model.state_dict() for name in ("a.pt", "b.pt"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
