@@ -101,14 +101,17 @@ def one_run(kind: str, per_class: int, overrides: list[str], seed: int) -> dict:
             "train_s": seconds, "test_images": len(test), "history": history}
 
 
-def run_in_process(job: dict) -> dict:
+def run_in_process(job: dict, logs: Path) -> dict:
+    """One run in a fresh process; its training log goes to a file in `logs`, to follow a long run with tail."""
     env = {**os.environ, **ISA_ENV[job["isa"]], "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
            "PYTHONPATH": f"{REPO / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     cmd = ["nice", sys.executable, __file__, "--one", json.dumps(job)]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-    if done.returncode != 0 or not lines:
-        raise RuntimeError(f"{job}: exit {done.returncode}\n{done.stderr[-3000:]}")
+    log = logs / f"{job['config']}-{job['kind']}{job['per_class']}-s{job['seed']}-{job['isa']}.log".replace(" ", "_")
+    with log.open("w") as out:
+        code = subprocess.run(cmd, env=env, stdout=out, stderr=subprocess.STDOUT).returncode
+    lines = [line for line in log.read_text().splitlines() if line.startswith("{")]
+    if code != 0 or not lines:
+        raise RuntimeError(f"{job}: exit {code}, see {log}")
     return {**job, **json.loads(lines[-1])}
 
 
@@ -133,6 +136,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="CPU kernel paths: own (torch's choice here), default, avx2, avx512")
     parser.add_argument("--workers", type=int, default=2, help="runs at once, one thread each")
     parser.add_argument("--out", type=Path, help="append each run as a JSON line")
+    parser.add_argument("--logs", type=Path, help="folder for each run's training log (default: a temporary one)")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # a worker process: one run, its JSON on stdout
     args = parser.parse_args(argv)
     if args.one:
@@ -146,8 +150,10 @@ def main(argv: list[str] | None = None) -> None:
     print("| config | folder | images/class | seed | kernels | test acc | best val | steps run | steps to 90 % | "
           "train s |\n|---|---|---:|---:|---|---:|---:|---:|---:|---:|", flush=True)
     results = []
+    logs = args.logs or Path(tempfile.mkdtemp(prefix="small_data-"))
+    logs.mkdir(parents=True, exist_ok=True)
     with ThreadPoolExecutor(args.workers) as pool:
-        for r in pool.map(run_in_process, jobs):
+        for r in pool.map(lambda job: run_in_process(job, logs), jobs):
             results.append(r)
             print(f"| {r['config']} | {r['kind']} | {r['per_class']} | {r['seed']} | {r['isa']} | "
                   f"{r['test_accuracy']:.3f} | {r['best_val_accuracy']:.3f} | {r['steps_run']} | "
