@@ -137,8 +137,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, default=2, help="runs at once, one thread each")
     parser.add_argument("--out", type=Path, help="append each run as a JSON line")
     parser.add_argument("--logs", type=Path, help="folder for each run's training log (default: a temporary one)")
+    parser.add_argument("--summarize", nargs="+", type=Path, metavar="JSONL",
+                        help="print the min / mean table of runs saved by --out, and run nothing")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # a worker process: one run, its JSON on stdout
     args = parser.parse_args(argv)
+    if args.summarize:
+        print(summary([json.loads(line) for path in args.summarize for line in path.read_text().splitlines()]))
+        return
     if args.one:
         job = json.loads(args.one)
         print(json.dumps(one_run(job["kind"], job["per_class"], job["overrides"], job["seed"])), flush=True)
@@ -169,11 +174,12 @@ def summary(results: list[dict]) -> str:
     groups: dict[tuple, list[dict]] = {}
     for r in results:
         groups.setdefault((r["config"], r["kind"], r["per_class"]), []).append(r)
-    lines = ["", "| config | folder | images/class | runs | min test acc | mean test acc | max steps to 90 % "
-             "(budget) | mean steps run |", "|---|---|---:|---:|---:|---:|---:|---:|"]
-    for (config, kind, n), rs in groups.items():
+    lines = ["", "| config | folder | images/class | runs (seed/kernels) | min test acc | mean test acc | "
+             "max steps to 90 % (budget) | mean steps run |", "|---|---|---:|---|---:|---:|---:|---:|"]
+    for (config, kind, n), rs in sorted(groups.items()):
         acc = [r["test_accuracy"] for r in rs]
-        lines.append(f"| {config} | {kind} | {n} | {len(rs)} | {min(acc):.3f} | {statistics.mean(acc):.3f} | "
+        which = " ".join(f"{r['seed']}/{r['isa']}" for r in rs)
+        lines.append(f"| {config} | {kind} | {n} | {len(rs)}: {which} | {min(acc):.3f} | {statistics.mean(acc):.3f} | "
                      f"{max(r['steps_to_90'] for r in rs)} ({rs[0]['budget']}) | "
                      f"{statistics.mean(r['steps_run'] for r in rs):.0f} |")
     return "\n".join(lines)
