@@ -7,12 +7,13 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch
 import pytest
+import torch
 import yaml
 
 from attention_cnn.data.prepare import prepare
 from attention_cnn.data.prepared import load_split
+from attention_cnn.data.sample import write_sample
 from attention_cnn.data.synthetic import KINDS, draw_image, write_folder
 from attention_cnn.inference import predict_logits
 from attention_cnn.metrics import chance_level, near_chance, not_learned_warning
@@ -75,8 +76,12 @@ def test_auto_epochs_make_the_step_budget_whatever_the_folder_size(num_train, ba
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_default_recipe_learns_a_small_texture_folder_on_every_seed(tmp_path, capsys, seed):
-    params, folder = prepared(tmp_path, "textures", 30, seed=seed, steps=300, val_every=30)
+def test_default_recipe_learns_a_small_folder_on_every_seed(tmp_path, capsys, seed):
+    # The built-in sample at 20 images per class (6 classes, 120 images), drawn at 48 px for speed.
+    params = dataclasses.replace(params_for(write_sample(tmp_path / "sample", seed, 20, image_size=48),
+                                            steps=300, val_every=30), seed=seed)
+    prepare(params, tmp_path / "prepared", progress=False)
+    folder = tmp_path / "prepared"
     result = train(params, folder, tmp_path / "model.pt", tmp_path / "ckpt", tmp_path / "metrics", progress=False)
     plan = plan_training(params.train, len(load_split(folder, "train")))
     assert plan.passes > 1 and plan.steps >= 300 and result.epochs_run <= plan.epochs
@@ -88,9 +93,9 @@ def test_default_recipe_learns_a_small_texture_folder_on_every_seed(tmp_path, ca
     test = load_split(folder, "test")
     logits = predict_logits(load_model(tmp_path / "model.pt").model, test.images, 64)
     accuracy = (logits.argmax(1) == test.labels).float().mean().item()
-    # 15 test images: a guesser gets 9 or more right 2 % of the time. This tiny model (8 channels, 32 px) got
-    # 15, 14 and 15 of them over seeds 0-2 under both kernel paths; 10 leaves room for other CPUs' rounding.
-    assert accuracy >= 0.66, accuracy
+    # 18 test images, 6 classes: a guesser gets 3. This tiny model (8 channels, 32 px, 300 steps) got 14, 14
+    # and 15 over seeds 0-2; 11 leaves a margin for other CPUs' rounding.
+    assert accuracy >= 0.6, accuracy
     assert "warning:" not in capsys.readouterr().out
 
 
