@@ -100,7 +100,7 @@ class TrainParams:
     steps: int = field(default=2000, metadata=_int(1, 10_000_000))
     val_every: int = field(default=50, metadata=_int(1, 1_000_000))
     batch_size: int = field(default=32, metadata=_int(1, 65_536))
-    lr: float = field(default=0.002, metadata=_float(0.0, 10.0, lo_open=True))
+    lr: float = field(default=0.001, metadata=_float(0.0, 10.0, lo_open=True))
     weight_decay: float = field(default=0.0001, metadata=_float(0.0, 1.0))
     label_smoothing: float = field(default=0.0, metadata=_float(0.0, 1.0, hi_open=True))
     lr_schedule: str = field(default="wsd", metadata=_choice(*LR_SCHEDULES))
