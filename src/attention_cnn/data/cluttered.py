@@ -75,8 +75,8 @@ def draw_cluttered(seed: int, name: str, index: int, size: int = 96) -> Image.Im
         draw.ellipse(box, outline=ink, width=width) if hollow else draw.ellipse(box, fill=ink)
     else:
         start = rng.uniform(0, 2 * math.pi)
-        corners = [(cx + r * math.cos(start + 2 * math.pi * k / sides), cy + r * math.sin(start + 2 * math.pi * k / sides))
-                   for k in range(sides)]
+        angles = [start + 2 * math.pi * k / sides for k in range(sides)]
+        corners = [(cx + r * math.cos(a), cy + r * math.sin(a)) for a in angles]
         if hollow:  # a closed polyline: PIL's polygon outline width joins corners badly
             draw.line(corners + corners[:1], fill=ink, width=width, joint="curve")
         else:

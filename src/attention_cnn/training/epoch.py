@@ -263,7 +263,8 @@ def validation_totals(model: torch.nn.Module, source: BatchSource, indices: torc
 
 def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, source: BatchSource,
                 order: torch.Tensor, draws: Draws | None, tp: TrainParams, bar: tqdm,
-                images_per_update: int = 1, step_scheduler=None) -> torch.Tensor:
+                images_per_update: int = 1,
+                step_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None) -> torch.Tensor:
     """One pass over `order` (indices into the split, on source.index_device); draws on the device, or None
     (train.augment off). `step_scheduler`, when given, is stepped after every optimizer step.
     Returns tensor([loss_sum, correct, n]).

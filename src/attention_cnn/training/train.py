@@ -39,7 +39,7 @@ from attention_cnn.errors import UserError
 from attention_cnn.memory import check_model_fits
 from attention_cnn.metrics import chance_ceiling, chance_level, not_learned_warning
 from attention_cnn.model import AttentionCNN, save_model
-from attention_cnn.params import Params
+from attention_cnn.params import Params, TrainParams
 from attention_cnn.training.schedule import (LOSS_MIN_DELTA, EpochResult, Plan, TrainingState, patience_from_epoch,
                                             plan_training, wsd_factor)
 
@@ -134,7 +134,7 @@ def make_scheduler(optimizer: torch.optim.Optimizer, schedule: str, epochs: int)
     return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
 
 
-def make_step_scheduler(optimizer: torch.optim.Optimizer, tp, plan: Plan):
+def make_step_scheduler(optimizer: torch.optim.Optimizer, tp: TrainParams, plan: Plan):
     """wsd, stepped after every optimizer step: a warm-up of 100 steps would be 2 epochs if stepped per epoch."""
     total, warmup, decay = plan.steps, tp.warmup, tp.decay
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: wsd_factor(step, total, warmup, decay))
