@@ -14,7 +14,7 @@ from attention_cnn.explain.base import upsample
 from attention_cnn.explain.scoring import build_methods, score_methods
 from attention_cnn.metrics import classification_report
 from attention_cnn.model import AttentionCNN, load_model, save_model
-from attention_cnn.params import ModelParams, parse_params
+from attention_cnn.params import EXPLAIN_METHODS, ModelParams, parse_params
 from attention_cnn.atomic import atomic_dir
 from attention_cnn.figures import DPI, safe_name
 from attention_cnn.inference import images_to_float, predict_logits, spread_over_classes
@@ -138,11 +138,12 @@ def test_evaluate_writes_metrics_confusion_and_gallery(workspace, evaluated):
     # Only the declared outputs: no temp folders left next to them.
     assert sorted(p.name for p in (workspace / "metrics").iterdir()) == ["ci", "evaluate", "maps"]
     assert sorted(p.name for p in (workspace / "metrics/evaluate").iterdir()) == ["metrics.json"]
-    assert sorted(p.name for p in (workspace / "metrics/maps").iterdir()) == sorted(f"{m}.json" for m in methods)
+    # every method's file, native's too (null: this model's head is not cam)
+    assert sorted(p.name for p in (workspace / "metrics/maps").iterdir()) == sorted(f"{m}.json" for m in EXPLAIN_METHODS)
     assert sorted(p.name for p in (workspace / "output/evaluate").iterdir()) == [
         "confusion.json", "explain.json", "maps", "misclassified.png", "mosaic.png", "per_class.json",
         "road_lerf.json", "road_morf.json", "sanity.json"]
-    assert evaluated.explained["mosaics"] == {"count": 3, "layout": [1, 2]}
+    assert evaluated.explained["mosaics"] == {"count": 10, "layout": [1, 2]}
 
 
 def test_evaluate_is_deterministic(workspace):

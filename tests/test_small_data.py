@@ -1,21 +1,26 @@
-"""Small folders: the step budget, learning from a small folder of our own making with the default
-recipe's machinery, and the warning when a run is no better than guessing."""
+"""Small folders: the step budget, the wsd LR schedule and when patience counts, learning from small folders of
+our own making with the default recipe on every seed (run under each CPU kernel path: `ATEN_CPU_CAPABILITY=default`
+and the machine's own), and the warning when a run is no better than guessing."""
 
+import dataclasses
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from attention_cnn.data.prepare import prepare
 from attention_cnn.data.prepared import load_split
+from attention_cnn.data.sample import write_sample
 from attention_cnn.data.synthetic import KINDS, draw_image, write_folder
 from attention_cnn.inference import predict_logits
 from attention_cnn.metrics import chance_level, near_chance, not_learned_warning
 from attention_cnn.model import load_model
 from attention_cnn.params import parse_params
-from attention_cnn.training.schedule import EpochResult, TrainingState, plan_training
+from attention_cnn.training.schedule import (EpochResult, Plan, TrainingState, decay_start_step, patience_from_epoch,
+                                            plan_training, wsd_factor)
 from attention_cnn.training.train import train
 
 from test_train import one_thread  # noqa: F401 (an autouse fixture: tiny tensors, one thread)
@@ -34,21 +39,26 @@ def params_for(source: Path, **train):
     return parse_params(raw)
 
 
-def prepared(tmp: Path, kind: str, per_class: int, **train):
-    source = write_folder(tmp / kind, kind, per_class, seed=3, size=48)
+def prepared(tmp: Path, kind: str, per_class: int, seed: int = 3, **train):
+    source = write_folder(tmp / kind, kind, per_class, seed=seed, size=48)
     params = params_for(source, **train)
+    params = dataclasses.replace(params, seed=seed)
     prepare(params, tmp / f"{kind}-prepared", progress=False)
     return params, tmp / f"{kind}-prepared"
 
 
-def test_folders_are_seeded_and_their_classes_differ_in_shape_not_colour(tmp_path):
-    assert np.array_equal(np.asarray(draw_image(1, "shapes", "circle", 5)),
-                          np.asarray(draw_image(1, "shapes", "circle", 5)))
-    folder = write_folder(tmp_path / "f", "shapes", 4, seed=1, size=32)
-    assert sorted(p.name for p in folder.iterdir()) == sorted([*KINDS["shapes"], ".masks"])
+@pytest.mark.parametrize("kind", ["shapes", "cluttered"])
+def test_folders_are_seeded_and_their_classes_differ_in_shape_not_colour(tmp_path, kind):
+    assert np.array_equal(np.asarray(draw_image(1, kind, "circle", 5)),
+                          np.asarray(draw_image(1, kind, "circle", 5)))
+    assert not np.array_equal(np.asarray(draw_image(1, kind, "circle", 5)),
+                              np.asarray(draw_image(2, kind, "circle", 5)))
+    folder = write_folder(tmp_path / "f", kind, 4, seed=1, size=32)
+    masks = [".masks"] if kind == "shapes" else []  # shapes write their ground truth
+    assert sorted(p.name for p in folder.iterdir()) == sorted([*KINDS[kind], *masks])
     # Colour says nothing: the mean colour of the classes is about the same over many images.
-    means = [np.mean([np.asarray(draw_image(0, "shapes", name, i, 32), dtype=float) for i in range(40)])
-             for name in KINDS["shapes"]]
+    means = [np.mean([np.asarray(draw_image(0, kind, name, i, 32), dtype=float) for i in range(40)])
+             for name in KINDS[kind]]
     assert max(means) - min(means) < 15
 
 
@@ -83,16 +93,28 @@ def test_auto_epochs_make_the_step_budget_whatever_the_folder_size(num_train, ba
         assert 1500 <= plan.steps < 1500 + plan.passes * plan.steps_per_pass
 
 
-def test_default_recipe_learns_a_small_texture_folder_in_a_few_hundred_steps(tmp_path, capsys):
-    params, folder = prepared(tmp_path, "textures", 30, steps=300, val_every=30)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_default_recipe_learns_a_small_folder_on_every_seed(tmp_path, capsys, seed):
+    # The built-in sample at 20 images per class (6 classes, 120 images), drawn at 48 px for speed.
+    params = dataclasses.replace(params_for(write_sample(tmp_path / "sample", seed, 20, image_size=48),
+                                            steps=300, val_every=30), seed=seed)
+    prepare(params, tmp_path / "prepared", progress=False)
+    folder = tmp_path / "prepared"
     result = train(params, folder, tmp_path / "model.pt", tmp_path / "ckpt", tmp_path / "metrics", progress=False)
     plan = plan_training(params.train, len(load_split(folder, "train")))
     assert plan.passes > 1 and plan.steps >= 300 and result.epochs_run <= plan.epochs
+    # The LR each epoch started with is wsd's, stepped per optimizer step.
+    per_epoch = plan.passes * plan.steps_per_pass
+    expected = [params.train.lr * wsd_factor(e * per_epoch, plan.steps, params.train.warmup, params.train.decay)
+                for e in range(result.epochs_run)]
+    assert [h.lr for h in result.history] == pytest.approx(expected)
     test = load_split(folder, "test")
     logits = predict_logits(load_model(tmp_path / "model.pt").model, test.images, 64)
     accuracy = (logits.argmax(1) == test.labels).float().mean().item()
-    # 15 test images: a guesser gets 9 or more right 2 % of the time; this tiny model (8 channels, 32 px) gets 10.
-    assert accuracy >= 0.6, accuracy
+    # 18 test images, 6 classes: a guesser gets 3, and 8 or more 0.5 % of the time. This tiny model (8 channels,
+    # 32 px, 300 steps) got 14, 15, 14 over seeds 0-2 with AVX2 kernels and 10 at seed 1 with the default ones:
+    # a tiny run's rounding moves it by several images, so the bar is 8, two under the lowest seen.
+    assert accuracy * len(test) >= 8, accuracy
     assert "warning:" not in capsys.readouterr().out
 
 
@@ -132,3 +154,59 @@ def test_early_stopping_ignores_tiny_loss_gains_and_waits_while_val_is_at_chance
     for n in range(11, 14):
         looking.update(epoch(n, 0.8, 0.5))
     assert looking.stopping_early and looking.best_epoch == looking.last_progress_epoch == 10
+
+
+def test_wsd_warms_up_holds_the_peak_then_decays_to_zero():
+    total, warmup, decay = 1000, 0.05, 0.3
+    factors = [wsd_factor(step, total, warmup, decay) for step in range(total)]
+    assert factors[0] == pytest.approx(1 / 50) and factors[49] == 1.0   # linear rise over the first 50 steps
+    assert factors[:50] == sorted(factors[:50])
+    start = decay_start_step(total, decay)
+    assert start == 700 and set(factors[50:start]) == {1.0}            # stable: 650 steps at the peak
+    assert factors[start:] == sorted(factors[start:], reverse=True) and factors[-1] < 1e-4
+    assert wsd_factor(0, total, 0.0, 0.0) == 1.0 and wsd_factor(999, total, 0.0, 0.0) == 1.0  # = constant
+
+
+def test_patience_counts_only_in_the_decay_phase_unless_val_is_perfect():
+    tp = parse_params({"train": {"lr_schedule": "wsd", "decay": 0.3, "patience": 3}}).train
+    plan = Plan(epochs=40, passes=25, steps_per_pass=2)  # 50 steps an epoch, 2000 in all; decay from step 1400
+    assert patience_from_epoch(tp, plan) == 29            # epoch 29 is steps 1400-1449: the first to decay
+    cosine = parse_params({"train": {"lr_schedule": "cosine"}}).train
+    assert patience_from_epoch(cosine, plan) == 1          # a decaying LR from the start: counts from epoch 1
+    # A partial plateau at peak LR (0.6 for 20 epochs, as small folders do before they take off) is not stopped...
+    plateau = TrainingState(patience=3, epochs=40, chance_ceiling=0.5, patience_from=29)
+    for n in range(1, 21):
+        plateau.update(epoch(n, 0.6 + 0.01 * (n == 1), 0.9))
+        assert not plateau.stopping_early
+    # ...the same plateau in the decay phase is: 3 epochs without progress.
+    for n in range(21, 32):
+        plateau.update(epoch(n, 0.6, 0.9))
+    assert plateau.epochs_without_improvement == 3 and plateau.stopping_early
+    # Perfect val accuracy: nothing more accurate to select, so patience counts at the peak LR too.
+    perfect = TrainingState(patience=3, epochs=40, chance_ceiling=0.5, patience_from=29)
+    for n in range(1, 5):
+        perfect.update(epoch(n, 1.0, 0.05))
+    assert perfect.stopping_early and perfect.best_epoch == 1
+
+
+class Killed(Exception):
+    pass
+
+
+def test_a_wsd_run_resumed_after_a_kill_ends_bit_identical(tmp_path):
+    # The per-step schedule's position is in the checkpoint: a resumed run goes on at the same LR.
+    params, folder = prepared(tmp_path, "textures", 8, steps=40, val_every=10)
+
+    def kill_after_second(result):
+        if result.epoch == 2:
+            raise Killed
+
+    whole = train(params, folder, tmp_path / "a.pt", tmp_path / "ckpt-a", None, progress=False)
+    with pytest.raises(Killed):
+        train(params, folder, tmp_path / "b.pt", tmp_path / "ckpt-b", None, progress=False,
+              on_epoch_end=kill_after_second)
+    resumed = train(params, folder, tmp_path / "b.pt", tmp_path / "ckpt-b", None, progress=False)
+    speedless = lambda history: [dataclasses.replace(h, images_per_s=0.0) for h in history]  # noqa: E731
+    assert resumed.resumed_from == 2 and speedless(resumed.history) == speedless(whole.history)
+    a, b = (load_model(tmp_path / name).model.state_dict() for name in ("a.pt", "b.pt"))
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -8,6 +8,8 @@ differ in shape, in colours that say nothing about the class; these folders test
     textures  stripes / checks / dots: a two-colour pattern of random colours, period, angle and phase filling
               the image, light pixel noise. Only the pattern's structure tells them apart.
     noise     the shapes' classes with the pixels of pure noise: nothing to learn (for the "did not learn" check).
+    cluttered the shapes' classes drawn by a second, independent generator (cluttered.py): hollow or filled,
+              over busy backgrounds with distractor lines and stronger noise. Harder than shapes.
 
 Every image has its own RNG seeded by (seed, kind, class, index), so a folder is the same on every machine.
 The shapes folder also gets ground-truth masks of the shape (255 inside), in `.masks/<class>/<stem>.png` as the
@@ -24,6 +26,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from attention_cnn.atomic import atomic_dir
+from attention_cnn.data.cluttered import CLASSES as CLUTTERED_CLASSES, draw_cluttered
 from attention_cnn.data.discover import MASKS_DIR
 from attention_cnn.data.sample import rng_for
 
@@ -31,6 +34,7 @@ KINDS = {
     "shapes": ("circle", "square", "triangle"),
     "textures": ("checks", "dots", "stripes"),
     "noise": ("a", "b", "c"),
+    "cluttered": CLUTTERED_CLASSES,
 }
 
 
@@ -87,6 +91,8 @@ def draw_image(seed: int, kind: str, name: str, index: int, size: int = 96) -> I
 def draw_with_mask(seed: int, kind: str, name: str, index: int,
                    size: int = 96) -> tuple[Image.Image, Image.Image | None]:
     """Image `index` of class `name` of `kind` and its ground-truth mask (shapes only, else None)."""
+    if kind == "cluttered":  # its own RNG, drawing and noise
+        return draw_cluttered(seed, name, index, size), None
     rng = rng_for(seed, f"{kind}/{name}", index)
     mask = None
     if kind == "shapes":

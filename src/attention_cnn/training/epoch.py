@@ -263,9 +263,10 @@ def validation_totals(model: torch.nn.Module, source: BatchSource, indices: torc
 
 def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, source: BatchSource,
                 order: torch.Tensor, draws: Draws | None, tp: TrainParams, bar: tqdm,
-                images_per_update: int = 1) -> torch.Tensor:
+                images_per_update: int = 1,
+                step_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None) -> torch.Tensor:
     """One pass over `order` (indices into the split, on source.index_device); draws on the device, or None
-    (train.augment off).
+    (train.augment off). `step_scheduler`, when given, is stepped after every optimizer step.
     Returns tensor([loss_sum, correct, n]).
 
     The sums stay on the device until the caller reads them once per epoch.
@@ -283,6 +284,8 @@ def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, source
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if step_scheduler is not None:
+            step_scheduler.step()
         # Sums, not per-batch means: a short last batch weighs what it should.
         totals[0] += loss.detach() * idx.numel()
         totals[1] += (logits.detach().argmax(dim=1) == y).sum()

@@ -55,6 +55,38 @@ def plan_training(tp: TrainParams, per_rank: int) -> Plan:
                 max_steps=tp.steps)
 
 
+def wsd_factor(step: int, total: int, warmup: float, decay: float) -> float:
+    """The wsd schedule's LR multiplier before optimizer step `step` (0-based) of `total`: a linear rise to 1 over
+    the first `warmup` of the steps, 1 (the stable phase), then a cosine fall to 0 over the last `decay`.
+
+    Why not one cosine over the whole budget: small folders sit near chance for hundreds of steps before they
+    "take off", and a cosine has already lowered the LR by then, so whether a run learns became a matter of seed
+    and float rounding. A long stable phase leaves the take-off time; the decay at the end still anneals."""
+    warm = round(warmup * total)
+    if step < warm:
+        return (step + 1) / warm
+    decay_start = decay_start_step(total, decay)
+    if step < decay_start:
+        return 1.0
+    t = (step - decay_start) / max(1, total - decay_start)
+    return 0.5 * (1 + math.cos(math.pi * t))
+
+
+def decay_start_step(total: int, decay: float) -> int:
+    """The first step of wsd's decay phase."""
+    return total - round(decay * total)
+
+
+def patience_from_epoch(tp: TrainParams, plan: Plan) -> int:
+    """The first epoch whose lack of val progress counts towards patience. With wsd: the first epoch that ends
+    inside the decay phase, because before it the LR is at its peak and a plateau is no sign of convergence (the
+    runs this guards against sat at a partial plateau for 300 steps, then learned). Other schedules: epoch 1."""
+    if tp.lr_schedule != "wsd":
+        return 1
+    steps_per_epoch = plan.passes * plan.steps_per_pass
+    return decay_start_step(plan.steps, tp.decay) // steps_per_epoch + 1
+
+
 @dataclass(frozen=True)
 class EpochResult:
     epoch: int             # 1-based
@@ -73,10 +105,13 @@ class TrainingState:
 
     Epochs whose best val accuracy is still at or below `chance_ceiling` do not count towards patience: a run
     that has not left chance yet has not converged, it is still looking (small folders sit there for hundreds of
-    steps before they learn), so it is not stopped for that; the step budget still ends it."""
+    steps before they learn), so it is not stopped for that; the step budget still ends it.
+    Epochs before `patience_from` do not count either (see `patience_from_epoch`), unless val accuracy is
+    perfect: then no later epoch can select a more accurate model, and only the loss is left to improve."""
     patience: int
     epochs: int
     chance_ceiling: float = 0.0
+    patience_from: int = 1
     history: list[EpochResult] = field(default_factory=list)
     best_epoch: int = 0            # 0: no epoch yet
     best_val_accuracy: float = 0.0
@@ -97,7 +132,8 @@ class TrainingState:
         if progress:
             self.last_progress_epoch = result.epoch
             self.epochs_without_improvement = 0
-        elif self.best_val_accuracy > self.chance_ceiling:
+        elif self.best_val_accuracy > self.chance_ceiling and (result.epoch >= self.patience_from
+                                                               or self.best_val_accuracy >= 1.0):
             self.epochs_without_improvement += 1
         return improved
 

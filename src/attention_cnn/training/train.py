@@ -42,8 +42,9 @@ from attention_cnn.errors import UserError
 from attention_cnn.memory import check_model_fits
 from attention_cnn.metrics import chance_ceiling, chance_level, not_learned_warning
 from attention_cnn.model import AttentionCNN, save_model
-from attention_cnn.params import Params
-from attention_cnn.training.schedule import LOSS_MIN_DELTA, EpochResult, Plan, TrainingState, plan_training
+from attention_cnn.params import Params, TrainParams
+from attention_cnn.training.schedule import (LOSS_MIN_DELTA, EpochResult, Plan, TrainingState, patience_from_epoch,
+                                            plan_training, wsd_factor)
 
 # An epoch of fewer optimizer steps than this barely moves the weights: train warns and says what to change.
 MIN_STEPS_PER_EPOCH = 10
@@ -128,12 +129,18 @@ class _Metrics:
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, schedule: str, epochs: int):
-    """Stepped once per epoch."""
+    """Stepped once per epoch (wsd is `make_step_scheduler`'s)."""
     if schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
     if schedule == "step":  # a tenth of the rate after each third of the run
         return torch.optim.lr_scheduler.StepLR(optimizer, step_size=max(1, epochs // 3), gamma=0.1)
     return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
+
+
+def make_step_scheduler(optimizer: torch.optim.Optimizer, tp: TrainParams, plan: Plan):
+    """wsd, stepped after every optimizer step: a warm-up of 100 steps would be 2 epochs if stepped per epoch."""
+    total, warmup, decay = plan.steps, tp.warmup, tp.decay
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: wsd_factor(step, total, warmup, decay))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -218,7 +225,8 @@ def _train(params: Params, ctx: Dist, prepared_dir: Path, model_path: Path, chec
     if ctx.is_main:  # a second run of this fingerprint in this checkout is refused while this one trains
         held.enter_context(run_lock(saved_at))
     state = TrainingState(params.train.patience, plan.epochs,
-                          chance_ceiling=chance_ceiling(len(train_split.classes), len(val_split)))
+                          chance_ceiling=chance_ceiling(len(train_split.classes), len(val_split)),
+                          patience_from=patience_from_epoch(params.train, plan))
     if ctx.is_main:
         held.enter_context(_say_how_to_resume(saved_at, state, metrics_dir))
     metrics = _Metrics(metrics_dir if ctx.is_main else None, round(chance_level(len(train_split.classes)), 3))
@@ -366,7 +374,8 @@ def _build_run(params: Params, ctx: Dist, train_split: PreparedSplit, val_split:
                 "free memory; streaming their batches from host memory.")
     val_data = BatchSource(val_split.images, val_split.labels, device, resident)
     return _Run(params=params, ctx=ctx, net=net, optimizer=optimizer,
-                scheduler=make_scheduler(optimizer, tp.lr_schedule, plan.epochs), generators=generators,
+                scheduler=(make_step_scheduler(optimizer, tp, plan) if tp.lr_schedule == "wsd"
+                           else make_scheduler(optimizer, tp.lr_schedule, plan.epochs)), generators=generators,
                 train_data=BatchSource(train_split.images, train_split.labels, device, resident), val_data=val_data,
                 val_indices=torch.arange(ctx.rank, len(val_split), ctx.world_size, device=val_data.index_device),
                 per_rank=per_rank, plan=plan, progress=progress)
@@ -408,6 +417,7 @@ def _train_one_epoch(run: _Run, epoch: int) -> EpochResult:
                dynamic_ncols=True)
     started = time.perf_counter()
     totals = 0
+    step_scheduler = run.scheduler if tp.lr_schedule == "wsd" else None
     for steps in pass_steps:  # a fresh order and fresh augmentation draws each pass
         order = torch.randperm(run.train_data.num_images, generator=run.generators["shuffle"])
         order = order[ctx.rank * run.per_rank:(ctx.rank + 1) * run.per_rank][:steps * tp.batch_size]
@@ -415,11 +425,12 @@ def _train_one_epoch(run: _Run, epoch: int) -> EpochResult:
         draws = (draw_augmentation(run.per_rank, run.train_data.img_size, tp, run.generators["augment"]).to(device)
                  if tp.augment else None)
         totals = totals + train_epoch(run.step_model, run.optimizer, run.train_data, order, draws, tp, bar,
-                                      images_per_update=ctx.world_size)
+                                      images_per_update=ctx.world_size, step_scheduler=step_scheduler)
     train_loss, train_correct, train_count = all_reduce_sum(totals, ctx).tolist()  # syncs the device
     seconds = time.perf_counter() - started
     bar.close()
-    run.scheduler.step()
+    if step_scheduler is None:
+        run.scheduler.step()
 
     broadcast_buffers(run.net, ctx)  # each rank validates its share of val with the same BatchNorm stats
     val_totals = validation_totals(run.net, run.val_data, run.val_indices, 2 * tp.batch_size, tp.cpu_bf16)
