@@ -110,7 +110,7 @@ def test_params_reference_shows_defaults_and_allowed_values():
     tables = params_reference.reference_tables()
     assert "| `model.head` | `gmp` | one of 'gmp', 'gap', 'flatten', 'cam' |" in tables
     assert "| `train.rdzv_endpoint` | `\"\"` |" in tables
-    assert "| `evaluate.methods` | `[mask, attended, gradcam, ig, smoothgrad, occlusion, random, edge]` |" in tables
+    assert "| `evaluate.methods` | `[native, mask, attended, gradcam, ig, smoothgrad, occlusion, random, edge]` |" in tables
 
 
 def test_troubleshooting_lists_every_error_line():
