@@ -163,7 +163,7 @@ def test_a_model_without_attention_reports_no_attention_metrics(workspace):
     assert set(result.explained["methods"]) == {"gradcam", "random"}
     # Every file dvc.yaml declares, so `dvc metrics show` loads them all: null for what was not scored.
     assert json.loads((workspace / "none/maps/mask.json").read_text()) == dict.fromkeys(
-        ["del", "ins", "road", "pg", "mass", "mprt"])
+        ["del", "ins", "road", "pg", "mass", "gpg", "mprt"])
     assert set(json.loads((workspace / "none/ci/paired.json").read_text()).values()) == {None}  # no mask to compare
 
 
@@ -324,7 +324,7 @@ def test_a_skipped_grid_game_says_so_in_one_line_and_in_its_figure(workspace, tm
                       tmp_path / "output")
     out = capsys.readouterr().out
     assert "evaluate: grid pointing game skipped: evaluate.mosaics is 0" in out
-    assert "gpg" not in json.loads((tmp_path / "metrics/maps/random.json").read_text())
+    assert json.loads((tmp_path / "metrics/maps/random.json").read_text())["gpg"] is None
     assert "mosaics" not in result.explained
     with Image.open(tmp_path / "output/mosaic.png") as note:
         assert note.size[0] > 100

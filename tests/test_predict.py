@@ -115,7 +115,7 @@ def test_bad_input_is_a_user_error(model_path, folder, tmp_path):
         predict_folder(model_path, tmp_path / "empty", tmp_path / "o1", workers=1, progress=False)
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad/x.jpg").write_text("text")
-    with pytest.raises(UserError, match="none of its 1 image files could be decoded"):
+    with pytest.raises(UserError, match="its 1 file named like an image could not be decoded"):
         predict_folder(model_path, tmp_path / "bad", tmp_path / "o2", workers=1, progress=False)
     with pytest.raises(UserError, match="--top-k"):
         predict_folder(model_path, folder, tmp_path / "o3", top_k=4, workers=1, progress=False)
