@@ -340,6 +340,11 @@ def test_colour_changes_match_torchvision_image_by_image():
 
 @pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None,
                     reason="torch.compile on CPU needs a C++ compiler")
+# Under ATEN_CPU_CAPABILITY=default, torch 2.14's inductor still emits at::vec::Vectorized code but compiles it
+# without the header that declares it ("'at::vec' has not been declared"): a torch bug of that override, which
+# make test-isa sets; the avx2 and own-kernel runs cover compile.
+@pytest.mark.skipif(os.environ.get("ATEN_CPU_CAPABILITY") == "default",
+                    reason="torch's inductor cannot compile its vectorised code under ATEN_CPU_CAPABILITY=default")
 def test_compiled_training_matches_eager(prepared, tmp_path):
     """train.compile=true (what the GPU benchmark runs) trains the same model as eager, up to float rounding in
     the fused kernels, and saves weights that load without torch.compile's wrapper names."""
