@@ -31,6 +31,16 @@ def with_generated_part(text: str, name: str, content: str) -> str:
     return _pattern(name).sub(lambda m: m.group(1) + content + m.group(3), text, count=1)
 
 
+def check_or_write(page: Path, name: str, content: str, check: bool, command: str) -> tuple[bool, str]:
+    """A tool's two modes on `page`'s part `name`: with `check`, (False, an error line naming `command`) when the
+    committed part is not `content`; else write it. (True, what happened) otherwise."""
+    label = page.relative_to(ROOT)
+    if check:
+        stale = generated_part(page.read_text(encoding="utf-8"), name) != content
+        return (False, f"error: {label} is stale: run `{command}`") if stale else (True, f"{label}: up to date")
+    return True, f"{label}: {'rewritten' if write_generated_part(page, name, content) else 'up to date'}"
+
+
 def write_generated_part(page: Path, name: str, content: str) -> bool:
     """Rewrite `page`'s part `name`; True when it changed."""
     text = page.read_text(encoding="utf-8")

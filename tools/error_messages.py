@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from docs_markers import DOCS, ROOT, generated_part, write_generated_part  # noqa: E402
+from docs_markers import DOCS, ROOT, check_or_write  # noqa: E402
 
 PAGE = DOCS / "troubleshooting.md"
 MARKER = "error-messages"
@@ -265,15 +265,9 @@ def main() -> int:
     problems += [f"tools/error_messages.py: ADVICE['{p}'] matches no message" for p in unused_advice(messages)]
     for problem in problems:
         print(f"error: {problem}", file=sys.stderr)
-    part = page_part(messages)
-    if args.check:
-        stale = generated_part(PAGE.read_text(encoding="utf-8"), MARKER) != part
-        if stale:
-            print("error: docs/troubleshooting.md is stale: run `python tools/error_messages.py`", file=sys.stderr)
-        return 1 if stale or problems else 0
-    changed = write_generated_part(PAGE, MARKER, part)
-    print(f"docs/troubleshooting.md: {'rewritten' if changed else 'up to date'} ({len(messages)} messages)")
-    return 1 if problems else 0
+    fresh, said = check_or_write(PAGE, MARKER, page_part(messages), args.check, "python tools/error_messages.py")
+    print(f"{said} ({len(messages)} messages)", file=sys.stdout if fresh else sys.stderr)
+    return 0 if fresh and not problems else 1
 
 
 if __name__ == "__main__":

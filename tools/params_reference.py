@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from attention_cnn import params as schema  # noqa: E402
-from docs_markers import DOCS, generated_part, write_generated_part  # noqa: E402
+from docs_markers import DOCS, check_or_write  # noqa: E402
 
 PAGE = DOCS / "params.md"
 MARKER = "params-reference"
@@ -82,16 +82,9 @@ def main() -> int:
     problems += [f"params.MEANINGS names '{k}', which is not a key of the schema" for k in stale_meanings()]
     for problem in problems:
         print(f"error: {problem}", file=sys.stderr)
-    tables = reference_tables()
-    if args.check:
-        stale = generated_part(PAGE.read_text(encoding="utf-8"), MARKER) != tables
-        if stale:
-            print(f"error: {PAGE.relative_to(DOCS.parent)} is stale: run `python tools/params_reference.py`",
-                  file=sys.stderr)
-        return 1 if stale or problems else 0
-    changed = write_generated_part(PAGE, MARKER, tables)
-    print(f"{PAGE.relative_to(DOCS.parent)}: {'rewritten' if changed else 'up to date'}")
-    return 1 if problems else 0
+    fresh, said = check_or_write(PAGE, MARKER, reference_tables(), args.check, "python tools/params_reference.py")
+    print(said, file=sys.stdout if fresh else sys.stderr)
+    return 0 if fresh and not problems else 1
 
 
 if __name__ == "__main__":
