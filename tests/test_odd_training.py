@@ -98,9 +98,11 @@ def test_the_dense_guard_bounds_what_training_really_takes(tmp_path):
     conv_peak, dense_peak = json.loads(done.stdout.splitlines()[-1])
     added, estimate = dense_peak - conv_peak, dense_attention_bytes(channels, img, batch_size=batch)
     assert added <= estimate, f"dense added {added / 1e6:.0f} MB to the peak, the guard expects {estimate / 1e6:.0f}"
-    # And the test measures the layer: at least its weights, gradient and Adam's two moments (16 of the 36 bytes
-    # a weight) show in the peak; how much of the rest does depends on when glibc reuses freed blocks.
-    assert added >= 0.35 * estimate, f"dense added {added / 1e6:.0f} MB, the guard expects {estimate / 1e6:.0f}"
+    # And the test measures the layer: at least its weights and their gradient (8 of the 36 bytes a weight) show
+    # in the peak; how much of the rest does depends on when glibc reuses freed blocks (0.34 to 0.91 of the
+    # estimate seen on one machine).
+    weights = (channels * (img // 8) ** 2) ** 2
+    assert added >= 8 * weights, f"dense added {added / 1e6:.0f} MB, the guard expects {estimate / 1e6:.0f}"
 
 
 def test_the_dense_layer_that_was_killed_for_memory_is_refused_in_one_line(tmp_path, capsys):
