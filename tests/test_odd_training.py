@@ -241,14 +241,19 @@ def last_line(err: str) -> str:
     return [line for line in re.split(r"[\r\n]", err) if line.strip()][-1]
 
 
+def start_endless_train(tmp_path: Path, out: Path, val_every: int) -> subprocess.Popen:
+    """`attention-cnn train` on a tiny folder with a budget it never ends by itself, for a signal to stop."""
+    folder = prepared(tmp_path / "prepared", 16, {"train": 12, "val": 4})
+    params = write_params(tmp_path / "params.yaml", 16, {"channels": 4},
+                          {"steps": 10_000_000, "val_every": val_every, "batch_size": 4})
+    return start_train(folder, params, out)
+
+
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_a_stopped_train_keeps_its_checkpoint_releases_its_lock_and_says_how_to_resume(tmp_path, sig, code):
     """What a cancelled Slurm job (SIGTERM) or Ctrl-C (SIGINT) does to `attention-cnn train` after some epochs."""
-    folder = prepared(tmp_path / "prepared", 16, {"train": 12, "val": 4})
-    params = write_params(tmp_path / "params.yaml", 16, {"channels": 4},
-                          {"steps": 10_000_000, "val_every": 3, "batch_size": 4})
     out = tmp_path / "out"
-    proc = start_train(folder, params, out)
+    proc = start_endless_train(tmp_path, out, val_every=3)
     try:
         checkpoint = wait_for(lambda: (out / "models/.checkpoints").glob("*.pt"))
     finally:
@@ -263,11 +268,8 @@ def test_a_stopped_train_keeps_its_checkpoint_releases_its_lock_and_says_how_to_
 
 
 def test_a_train_stopped_before_its_first_epoch_leaves_no_metrics_folder(tmp_path):
-    folder = prepared(tmp_path / "prepared", 16, {"train": 12, "val": 4})
-    params = write_params(tmp_path / "params.yaml", 16, {"channels": 4},
-                          {"steps": 10_000_000, "val_every": 1_000_000, "batch_size": 4})
     out = tmp_path / "out"
-    proc = start_train(folder, params, out)
+    proc = start_endless_train(tmp_path, out, val_every=1_000_000)
     try:
         wait_for(lambda: [out / "metrics"] if (out / "metrics").is_dir() else [])  # training has started
     finally:
