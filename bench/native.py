@@ -35,6 +35,9 @@ DESIGNS = {
     "cam-none": {"head": "cam", "attention": "none"},
     "cam-spatial": {"head": "cam", "attention": "spatial"},
     "cam-ltpa": {"head": "cam", "attention": "ltpa"},
+    "ca-conv": {"head": "class_attention", "attention": "conv"},
+    "ca-none": {"head": "class_attention", "attention": "none"},
+    "ca-spatial": {"head": "class_attention", "attention": "spatial"},
     "gmp-conv": {"head": "gmp", "attention": "conv"},  # the seed-era default: no native map, the accuracy reference
 }
 SHOWN = ("native", "mask", "gradcam", "ig", "smoothgrad", "occlusion", "random")

@@ -17,7 +17,7 @@ TINY = {
     "img_size": 32,
     "sample": {"images_per_class": 14, "image_size": 48},
     "data": {"val_fraction": 0.2, "test_fraction": 0.2, "workers": 2},
-    "model": {"channels": 8, "hidden": 16, "head": "cam"},  # cam: the native map is scored too
+    "model": {"channels": 8, "hidden": 16, "head": "class_attention"},  # a head with class maps: native is scored too
     "train": {"epochs": 2, "batch_size": 16},
     # grid_confidence 0: any correctly classified image enters a mosaic, so a 2-epoch model plays the grid game
     "evaluate": {"faithfulness_images": 6, "faithfulness_steps": 4, "sanity_images": 2, "mosaics": 2,

@@ -108,7 +108,7 @@ def test_a_key_without_a_meaning_is_caught(monkeypatch):
 
 def test_params_reference_shows_defaults_and_allowed_values():
     tables = params_reference.reference_tables()
-    assert "| `model.head` | `gmp` | one of 'gmp', 'gap', 'flatten', 'cam' |" in tables
+    assert "| `model.head` | `gmp` | one of 'gmp', 'gap', 'flatten', 'cam', 'class_attention' |" in tables
     assert "| `train.rdzv_endpoint` | `\"\"` |" in tables
     assert "| `evaluate.methods` | `[native, mask, attended, gradcam, ig, smoothgrad, occlusion, random, edge]` |" in tables
 
@@ -161,7 +161,7 @@ def test_the_attention_tables_are_their_data():
             assert generated_part(_text(page), name) == parts[name], \
                 f"{page.name}: {name} is stale: run `python tools/attention_table.py --write`"
     summary = json.loads(_text(attention_table.DATA / "explain.json"))
-    # every method the default model has (native needs model.head=cam), in evaluate's order
+    # every method the default model has (native needs model.head=cam or class_attention), in evaluate's order
     assert list(summary["methods"]) == [m for m in schema.EXPLAIN_METHODS if m != "native"]
     for entry in summary["methods"].values():
         assert set(entry) == set(SCORES) | {"mprt"}

@@ -125,9 +125,10 @@ def cam_model(attention: str = "conv", head: str = "cam", classes: int = 6) -> A
     return model.eval()
 
 
-@pytest.mark.parametrize("attention", ["conv", "spatial", "none", "ltpa"])
-def test_the_native_map_is_the_class_map_of_the_explained_class_which_sums_to_its_logit(attention, split):
-    model = cam_model(attention)
+@pytest.mark.parametrize("attention, head", [("conv", "cam"), ("spatial", "cam"), ("none", "cam"), ("ltpa", "cam"),
+                                             ("conv", "class_attention"), ("none", "class_attention")])
+def test_the_native_map_is_the_class_map_of_the_explained_class_which_sums_to_its_logit(attention, head, split):
+    model = cam_model(attention, head)
     images = split.images[:5].float() / 255
     targets = torch.tensor([0, 1, 2, 3, 4])
     with torch.no_grad():

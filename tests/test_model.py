@@ -73,6 +73,8 @@ def test_every_variant_works_with_every_head(variant, head):
     model = tiny(variant, head=head)
     out = model(torch.rand(B, 3, IMG, IMG))
     assert out.logits.shape == (B, K)
+    if head == "class_attention":  # each class pools with its own attention, in class_maps (tested below)
+        return
     seen = model.attention.head_input(out.attended, head)
     pooled = out.attended.sum(dim=(2, 3)) if variant == "ltpa" else out.attended.mean(dim=(2, 3))
     expected = {"flatten": out.attended.flatten(1), "gmp": out.attended.amax(dim=(2, 3)), "gap": pooled,
@@ -83,14 +85,26 @@ def test_every_variant_works_with_every_head(variant, head):
 
 
 @pytest.mark.parametrize("variant", ATTENTION_VARIANTS)
-def test_cam_head_class_maps_sum_over_positions_plus_bias_to_the_logits(variant):
-    model = tiny(variant, head="cam").eval()
+@pytest.mark.parametrize("head", ["cam", "class_attention"])
+def test_class_maps_sum_over_positions_plus_bias_to_the_logits(variant, head):
+    model = tiny(variant, head=head).eval()
     out = model(torch.rand(B, 3, IMG, IMG))
     maps = model.class_maps(out.attended)  # (B, K, h, w)
     assert maps.shape == (B, K, *out.attended.shape[-2:])
     torch.testing.assert_close(maps.sum(dim=(2, 3)) + model.head[-1].bias, out.logits, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="model.head=cam"):
         tiny(variant).class_maps(out.attended)
+
+
+def test_class_attention_weighs_each_class_by_its_own_softmax_over_positions():
+    """Written out by hand for one image: class k's logit is sum_s softmax_s(z_k)_s z_ks + b_k, z_ks = W_k . f_s."""
+    model = tiny("conv", head="class_attention").eval()
+    out = model(torch.rand(1, 3, IMG, IMG))
+    features = out.attended[0].flatten(1)                        # (C, h*w)
+    weight, bias = model.head[-1].weight, model.head[-1].bias    # (K, C), (K,)
+    for k in range(K):
+        z = weight[k] @ features                                 # (h*w,)
+        torch.testing.assert_close(out.logits[0, k], (z.softmax(0) * z).sum() + bias[k], rtol=1e-5, atol=1e-5)
 
 
 def test_pooled_heads_ignore_where_the_evidence_is_and_flatten_does_not():

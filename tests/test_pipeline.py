@@ -60,9 +60,9 @@ def test_metrics_show_fits_160_columns(repo):
     natives = [f"metrics/ci/vs-{m}.json" for m in ("gradcam", "ig", "smoothgrad", "occlusion")]
     assert [line.split()[0] for line in lines] == ["Path", *rows, "metrics/ci/paired.json", *natives]
     assert set(lines[0].split()[1:]) >= {"accuracy", "guess", "best_epoch", "del", "ins", "road", "pg", "mass", "mprt"}
-    # The tiny model (model.head=cam) scores the native map. Whether a 2-epoch model classifies test images of four
-    # classes correctly, as the grid pointing game needs, is luck: the widest table, grid column included, is
-    # checked on scripted files (test_grid_native.py).
+    # The tiny model (model.head=class_attention) scores the native map. Whether a 2-epoch model classifies test
+    # images of four classes correctly, as the grid pointing game needs, is luck: the widest table, grid column
+    # included, is checked on scripted files (test_grid_native.py).
     native = json.loads((repo / "metrics/maps/native.json").read_text())
     assert 0 <= native["mass"] <= 1 and 0 <= native["pg"] <= 1
 

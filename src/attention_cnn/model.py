@@ -31,6 +31,10 @@ from attention_cnn.errors import UserError
 from attention_cnn.memory import check_model_fits, feature_size
 from attention_cnn.params import RESIZE_POLICIES, ModelParams, ParamsError, parse_params
 
+# Heads whose logit is a sum of per-position class shares, the model's own class map (`class_maps`).
+CLASS_MAP_HEADS = ("cam", "class_attention")
+
+
 class AttentionOutput(NamedTuple):
     logits: torch.Tensor    # (B, K)
     features: torch.Tensor  # (B, C, h, w) final conv map, before the mask
@@ -215,7 +219,7 @@ class AttentionCNN(nn.Module):
             ConvBlock(C, C, pool=False),  # (B, C, h, w), h = w = S // 8
         )
         self.attention = build_attention(params.attention, C, size)
-        if params.head == "cam":  # linear after pooling: each position's share of a logit is exact (class_maps)
+        if params.head in CLASS_MAP_HEADS:  # each position's share of a logit is exact (class_maps)
             self.head = nn.Sequential(nn.Dropout(params.dropout), nn.Linear(C, num_classes))
         else:
             self.head = nn.Sequential(
@@ -236,23 +240,40 @@ class AttentionCNN(nn.Module):
         """False for `none`, whose mask is constant: there is nothing to draw or to score as a saliency map."""
         return self.params.attention != "none"
 
-    def class_maps(self, attended: torch.Tensor) -> torch.Tensor:
-        """The CAM of every class (Zhou et al. 2016), for model.head=cam: (B, C, h, w) -> (B, K, h, w).
+    @property
+    def has_class_maps(self) -> bool:
+        """True for the heads whose logits are a sum over positions of per-class maps (the `native` explanation)."""
+        return self.params.head in CLASS_MAP_HEADS
 
-        The head is logits = W pool(attended) + b, and pooling is linear (an average; for `ltpa` the sum that
-        its mask weights), so position s's share of logit k is W_k . attended[:, :, s] times the pooling
-        weight, and the shares summed over positions, plus b_k, are the logit exactly."""
-        if self.params.head != "cam":
-            raise ValueError(f"class_maps needs model.head=cam, this model has head={self.params.head}")
+    def class_maps(self, attended: torch.Tensor) -> torch.Tensor:
+        """Every class's share of its logit at each position, (B, C, h, w) -> (B, K, h, w); summed over the
+        positions, plus the class's bias, they are the logits exactly.
+
+        `cam` (Zhou et al. 2016): logits = W pool(attended) + b with pooling linear (an average; for `ltpa` the
+        sum its mask weights), so position s's share of logit k is W_k . attended[:, :, s] times the pooling weight.
+        `class_attention`: class k pools its own scores z_ks = W_k . attended[:, :, s] with its own attention over
+        positions, a_k = softmax_s(z_k), so logit k = sum_s a_ks z_ks + b_k and a_ks z_ks is position s's share.
+        One mask per class (as Attention Branch Networks' class-wise maps, Fukui et al. 2019): where two classes
+        are in view, each class's logit, and its map, come from the positions that look like it."""
+        if not self.has_class_maps:
+            raise ValueError(f"class_maps needs model.head=cam or class_attention, this model has "
+                             f"head={self.params.head}")
+        scores = torch.einsum("bchw,kc->bkhw", attended, self.head[-1].weight)   # (B, K, h, w)
+        if self.params.head == "class_attention":
+            weights = scores.flatten(2).softmax(dim=2).view_as(scores)            # (B, K, h, w), sums to 1
+            return weights * scores
         h, w = attended.shape[-2:]
-        weight = 1.0 if isinstance(self.attention, LTPAttention) else 1.0 / (h * w)
-        return torch.einsum("bchw,kc->bkhw", attended, self.head[-1].weight) * weight
+        return scores * (1.0 if isinstance(self.attention, LTPAttention) else 1.0 / (h * w))
 
     def forward(self, x: torch.Tensor) -> AttentionOutput:
         x = (x - self.mean) / self.std                     # (B, 3, S, S)
         features = self.trunk(x)                           # (B, C, h, w)
         mask, attended = self.attention(features)          # (B, C or 1, h, w), (B, C, h, w)
-        logits = self.head(self.attention.head_input(attended, self.params.head))  # (B, K)
+        if self.params.head == "class_attention":
+            dropped = self.head[0](attended)                                         # dropout, as the other heads
+            logits = self.class_maps(dropped).sum(dim=(2, 3)) + self.head[-1].bias   # (B, K)
+        else:
+            logits = self.head(self.attention.head_input(attended, self.params.head))  # (B, K)
         return AttentionOutput(logits=logits, features=features, mask=mask, attended=attended)
 
 

@@ -21,11 +21,11 @@ from attention_cnn.errors import UserError
 ATTENTION_VARIANTS = ("none", "dense", "conv", "spatial", "ltpa")
 RESIZE_POLICIES = ("stretch", "center_crop", "pad")
 LR_SCHEDULES = ("wsd", "cosine", "step", "constant")
-HEADS = ("gmp", "gap", "flatten", "cam")
+HEADS = ("gmp", "gap", "flatten", "cam", "class_attention")
 FLIPS = ("horizontal", "both", "none")
 DEVICES = ("auto", "cpu", "cuda")
 # The explanation methods evaluate.methods may name (explain/scoring.py builds them, in this order).
-# native: the model's own class map, for model.head=cam only (explain/methods.py).
+# native: the model's own class map, for model.head=cam or class_attention only (explain/methods.py).
 EXPLAIN_METHODS = ("native", "mask", "attended", "gradcam", "ig", "smoothgrad", "occlusion", "random", "edge")
 
 
@@ -92,7 +92,7 @@ class ModelParams:
     attention: str = field(default="conv", metadata=_choice(*ATTENTION_VARIANTS))
     channels: int = field(default=32, metadata=_int(1, 1024))
     hidden: int = field(default=256, metadata=_int(1, 65_536))
-    dropout: float = field(default=0.5, metadata=_float(0.0, 1.0, hi_open=True))
+    dropout: float = field(default=0.0, metadata=_float(0.0, 1.0, hi_open=True))
     head: str = field(default="gmp", metadata=_choice(*HEADS))
 
 
@@ -181,10 +181,11 @@ MEANINGS = {
     "data.workers": "decode processes of prepare; 0 = one per core (does not change the outputs)",
     "model.attention": "the attention mechanism; `none` is the same network without one",
     "model.channels": "filters in each of the 4 convolution layers",
-    "model.hidden": "width of the head's hidden fully connected layer (the `cam` head has none)",
+    "model.hidden": "width of the head's hidden fully connected layer (`cam` and `class_attention` have none)",
     "model.dropout": "dropout before the last layer",
     "model.head": "what the classifier sees of the attended map: its maximum (`gmp`), average (`gap`), "
-                  "the whole map (`flatten`), or class activation maps (`cam`)",
+                  "the whole map (`flatten`), class activation maps (`cam`), or each class's own softmax attention "
+                  "over positions of its class map (`class_attention`)",
     "train.epochs": "`auto`: enough epochs for `train.steps` steps; an integer: that many single passes",
     "train.steps": "with `epochs: auto`, optimizer steps at most, whatever the folder's size",
     "train.val_every": "with `epochs: auto`, an epoch is whole passes of at least this many steps",

@@ -1,7 +1,7 @@
 """The visualize stage: before/after attention figures of test images (round-robin over the classes) and one
-grid per class, in output/visualize/. The panels themselves are drawn by panels.py. For model.head=cam each
-figure adds the native map of the predicted class, and native_per_class.png draws each class's native map
-averaged over its test images.
+grid per class, in output/visualize/. The panels themselves are drawn by panels.py. For model.head=cam or
+class_attention each figure adds the native map of the predicted class, and native_per_class.png draws each
+class's native map averaged over its test images.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ NATIVE_AVERAGES = "native_per_class.png"
 class VisualizeResult:
     image_files: list[Path]  # one figure per image, under the final out_dir
     grid_files: list[Path]   # one grid per class
-    native_file: Path | None = None  # the class averages of the native map, for model.head=cam
+    native_file: Path | None = None  # the class averages of the native map, for heads with class maps
 
 
 def visualize(params: Params, prepared_dir: Path | str, model_path: Path | str, out_dir: Path | str,
@@ -52,7 +52,7 @@ def visualize(params: Params, prepared_dir: Path | str, model_path: Path | str, 
                                 int(test.labels[index]))
 
     image_names, grid_names = [], []
-    native = trained.model.params.head == "cam"
+    native = trained.model.has_class_maps
     with atomic_dir(out_dir, FIGURE_FILES) as tmp:
         mask_panel = trained.model.learns_mask
         figure_kw = {"mask_panel": mask_panel, "native_panel": native, "classes": test.classes}

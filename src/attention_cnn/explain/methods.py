@@ -5,13 +5,14 @@
 - AttendedMap: what the head actually receives, features x mask, as the max over channels (the "after" panel
   of the visualize stage). Where the mask is the same for every channel (spatial, ltpa) it ranks positions like
   the mask weighted by feature strength; for conv and dense masks it differs in meaning, so both are scored.
-- NativeMap: for model.head=cam only, the model's own map of the explained class, read off the forward pass:
-  `AttentionCNN.class_maps`, whose sum over positions plus the class bias is the logit exactly (Zhou et al.
-  2016's CAM, through the mask). Its positive part, as Grad-CAM's: the positions that raise the logit.
+- NativeMap: for model.head=cam or class_attention, the model's own map of the explained class, read off the
+  forward pass: `AttentionCNN.class_maps`, whose sum over positions plus the class bias is the logit exactly
+  (Zhou et al. 2016's CAM through the mask; for class_attention, weighted by the class's own attention). Its positive part, as Grad-CAM's: the positions that raise the logit.
 - GradCAM (Selvaraju et al. 2017): Captum's LayerGradCam on the output of `model.trunk`, the layer the mask
   multiplies, ReLU'd; upsampled bilinearly and min-max scaled per image by the base class. It explains the trunk,
   before the mask, on purpose: at the mask's output, on a cam head, Grad-CAM's weights are the head's class
-  weights divided by h*w, so Grad-CAM there would be the native map again (an identity, not a rival).
+  weights divided by h*w, so Grad-CAM there would be the native map again (an identity, not a rival). On a
+  class_attention head it would not be, but the trunk stays the layer, so every model is explained at one place.
 - IntegratedGradients (Sundararajan et al. 2017) from the training images' mean colour (zero after the model's
   normalisation, the same neutral image deletion fills with), `IG_STEPS` Gauss-Legendre steps; |attribution|
   summed over colour channels.

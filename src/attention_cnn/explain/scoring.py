@@ -40,8 +40,8 @@ SCORES = ("del", "ins", "morf", "lerf", "road", "pg", "mass", "gpg")
 def skipped_methods(names: list[str] | tuple[str, ...], model: AttentionCNN) -> dict[str, str]:
     """{method: one line saying why it is not run} for the named methods this model cannot have."""
     skipped = {}
-    if "native" in names and model.params.head != "cam":
-        skipped["native"] = (f"native map skipped: it is the class map of a linear head (model.head=cam), "
+    if "native" in names and not model.has_class_maps:
+        skipped["native"] = (f"native map skipped: it is the class map of model.head=cam or class_attention, "
                              f"and this model has model.head={model.params.head}")
     if not model.learns_mask:
         skipped.update({name: f"{name} map skipped: model.attention=none learns no mask"
