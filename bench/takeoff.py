@@ -6,8 +6,9 @@
 A short, cheap probe of the plateau that bench/small_data.py's full runs show: the folder is drawn and prepared
 once per seed (cached in --work), then each config trains with the library's model, batches and augmentation
 (params.yaml's defaults plus its overrides) for at most --steps steps, with the LR warmed up over the first 100
-and then held at train.lr: the take-off, not the decay, is what it measures. Val accuracy every 50 steps; a run
-ends early once four checks in a row reach 0.9. One torch thread (set OMP_NUM_THREADS=1 for the same figures).
+and then held at train.lr: the take-off, not the decay, is what it measures. Val accuracy every 50 steps; a
+run ends early once four checks in a row reach 0.9. One torch thread (set OMP_NUM_THREADS=1 for the same
+figures).
 Prints one row per run: the take-off step ("> steps" when it never came) and the last val accuracy.
 """
 
@@ -18,7 +19,7 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
+from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from small_data import params_with  # noqa: E402  (the same overrides as the full runs)
@@ -28,7 +29,8 @@ from attention_cnn.data.prepared import load_split  # noqa: E402
 from attention_cnn.data.sample import write_sample  # noqa: E402
 from attention_cnn.data.synthetic import write_folder  # noqa: E402
 from attention_cnn.model import AttentionCNN  # noqa: E402
-from attention_cnn.training.epoch import BatchSource, draw_augmentation  # noqa: E402
+from attention_cnn.training.epoch import (BatchSource, draw_augmentation, train_epoch,  # noqa: E402
+                                         validation_totals)
 from attention_cnn.training.train import channel_stats  # noqa: E402
 
 TAKEOFF, WARMUP, EVERY = 0.6, 100, 50
@@ -47,6 +49,8 @@ def prepared(kind: str, per_class: int, seed: int, work: Path, overrides: list[s
 
 
 def takeoff(cache: Path, seed: int, overrides: list[str], steps: int, adamw: float | None) -> tuple[int | None, float]:
+    """Trains with the library's own step (training.epoch.train_epoch) in slices of EVERY steps, validating
+    after each slice with its validation_totals."""
     params = params_with([f"seed={seed}", "img_size=64", *overrides], cache / "folder")
     train, val = load_split(cache / "prepared", "train"), load_split(cache / "prepared", "val")
     torch.manual_seed(seed)
@@ -56,34 +60,29 @@ def takeoff(cache: Path, seed: int, overrides: list[str], steps: int, adamw: flo
     tp = params.train
     optimizer = (torch.optim.AdamW(net.parameters(), lr=tp.lr, weight_decay=adamw) if adamw is not None
                  else torch.optim.Adam(net.parameters(), lr=tp.lr, weight_decay=tp.weight_decay))
-    cpu = torch.device("cpu")
-    source, val_source = BatchSource(train.images, train.labels, cpu, True), BatchSource(val.images, val.labels, cpu, True)
+    warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / WARMUP))
+    cpu, quiet = torch.device("cpu"), tqdm(disable=True)
+    source = BatchSource(train.images, train.labels, cpu, True)
+    val_source = BatchSource(val.images, val.labels, cpu, True)
     shuffle, augment = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 1000)
     step, checks, first = 0, [], None
     while step < steps:
         order = torch.randperm(len(train), generator=shuffle)
+        order = order[:len(order) // tp.batch_size * tp.batch_size]  # whole batches only
         draws = draw_augmentation(len(train), train.img_size, tp, augment) if tp.augment else None
-        for start in range(0, len(order) - tp.batch_size + 1, tp.batch_size):
-            net.train()
-            for group in optimizer.param_groups:
-                group["lr"] = tp.lr * min(1.0, (step + 1) / WARMUP)
-            idx = order[start:start + tp.batch_size]
-            x, y = source.batch(idx, None if draws is None else draws[start:start + tp.batch_size])
-            loss = F.cross_entropy(net(x).logits, y)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            step += 1
-            if step % EVERY == 0:
-                net.eval()
-                with torch.no_grad():
-                    x, y = val_source.batch(torch.arange(len(val)))
-                    checks.append((net(x).logits.argmax(1) == y).float().mean().item())
-                first = first or (step if checks[-1] >= TAKEOFF else None)
-                if len(checks) >= 4 and min(checks[-4:]) >= 0.9:
-                    return first, checks[-1]
-            if step >= steps:
-                break
+        start = 0
+        while start < len(order):  # slices that end on every EVERY-th step of the run, across passes
+            part = slice(start, start + (EVERY - step % EVERY) * tp.batch_size)
+            train_epoch(net, optimizer, source, order[part], None if draws is None else draws[part], tp, quiet,
+                        step_scheduler=warmup)
+            step, start = step + len(order[part]) // tp.batch_size, part.stop
+            if step % EVERY:
+                continue
+            _, correct, count = validation_totals(net, val_source, torch.arange(len(val)), 256).tolist()
+            checks.append(correct / count)
+            first = first or (step if checks[-1] >= TAKEOFF else None)
+            if step >= steps or (len(checks) >= 4 and min(checks[-4:]) >= 0.9):
+                return first, checks[-1]
     return first, checks[-1]
 
 

@@ -11,7 +11,8 @@ Each map is upsampled bilinearly to the image and overlaid on it. Two colour bar
 The raw range of the mask is written under its panel either way. A model without attention
 (model.attention=none) has no mask: before and after are the same map, so its figures show the input and that
 feature map, titled as having no attention. Each PNG's Description holds its panel titles.
-A model with class maps (model.head=cam or class_attention) gets one more panel, the native map: its own evidence for one class
+A model with class maps (model.head=cam or class_attention) gets one more panel, the native map: its own
+evidence for one class
 (AttentionCNN.class_maps, positive part, min-max scaled per image), the predicted class unless another is asked
 for; the panel's title names the class. The mask says where the model looks, the same for every class; the
 native map says what there counts for the named class.
@@ -95,7 +96,8 @@ def native_maps(model: AttentionCNN, attended: torch.Tensor, classes: torch.Tens
 def compute_panels(model: AttentionCNN, images: torch.Tensor, batch_size: int = 256,
                    explain: str | int = "predicted") -> Panels:
     """Run the model on uint8 images (B, 3, S, S) and build the before/mask/after maps, batch by batch, and for
-    heads with class maps (cam, class_attention) the native map of the class `explain` names (EXPLAIN_CHOICES or a class index)."""
+    heads with class maps (cam, class_attention) the native map of the class `explain` names (EXPLAIN_CHOICES or
+    a class index)."""
     size = images.shape[-1]
     stretched = model.params.attention in STRETCHED_VARIANTS
     native = model.has_class_maps
@@ -171,7 +173,8 @@ class PanelFigure:
     """A reusable figure of `rows` x panels with its colour bars (the feature maps', the mask's); draw rows, save,
     draw again.
     `mask_panel=False`: a model without attention, whose mask is constant and whose "after" is its "before":
-    the input and the feature map only. `native_panel=True` adds the native map (model.head=cam or class_attention), titled with
+    the input and the feature map only. `native_panel=True` adds the native map (model.head=cam or
+    class_attention), titled with
     the class it explains."""
 
     def __init__(self, rows: int, colormap: str, alpha: float, dpi: int = DPI, mask_panel: bool = True,

@@ -12,7 +12,8 @@ Writes into the --out folder:
                      folders that could not be listed ("sub/")
     <file>.png       the input | before | mask | after figure of each image (panels.py; input | feature map for a
                      model without attention), unless figures=False; named by figure_names, unique and short
-                     whatever the names and depth of the files; for model.head=cam or class_attention one more panel, the native
+                     whatever the names and depth of the files; for model.head=cam or class_attention one
+                     more panel, the native
                      map of the predicted class, or of the class --explain-class names (runner-up: the second
                      most probable)
 Names that are not valid UTF-8 are written with escapes ("\\xff", discover.display_name).

@@ -4,7 +4,8 @@ Shaped like pytorch-grad-cam: the methods share one base (`base.py`) and each is
 one function; the scores live in `metrics/`, one module each; the sanity check and the statistics stand apart.
 
     base.py            Explainer: (model, images, targets) -> (B, S, S) maps in [0, 1]; gradients under a context
-    methods.py         the native class map (cam, class_attention heads), learned mask, attended map, and Captum's Grad-CAM,
+    methods.py         the native class map (cam, class_attention heads), learned mask, attended map, and
+                       Captum's Grad-CAM,
                        Integrated Gradients, SmoothGrad, Occlusion
     baselines.py       random and a model-free edge map (Sobel), which any real map must beat
     metrics/           deletion_insertion.py, road.py, pointing.py (pointing game, relevance mass),

@@ -7,7 +7,8 @@
   the mask weighted by feature strength; for conv and dense masks it differs in meaning, so both are scored.
 - NativeMap: for model.head=cam or class_attention, the model's own map of the explained class, read off the
   forward pass: `AttentionCNN.class_maps`, whose sum over positions plus the class bias is the logit exactly
-  (Zhou et al. 2016's CAM through the mask; for class_attention, weighted by the class's own attention). Its positive part, as Grad-CAM's: the positions that raise the logit.
+  (Zhou et al. 2016's CAM through the mask; for class_attention, weighted by the class's own attention). Its
+  positive part, as Grad-CAM's: the positions that raise the logit.
 - GradCAM (Selvaraju et al. 2017): Captum's LayerGradCam on the output of `model.trunk`, the layer the mask
   multiplies, ReLU'd; upsampled bilinearly and min-max scaled per image by the base class. It explains the trunk,
   before the mask, on purpose: at the mask's output, on a cam head, Grad-CAM's weights are the head's class
