@@ -3,12 +3,14 @@ its skip for other heads, and both through the evaluate scoring and report."""
 
 import pytest
 import torch
+from captum.attr import Occlusion
 
 from attention_cnn.data.prepare import prepare
 from attention_cnn.data.prepared import load_split
 from attention_cnn.data.sample import write_sample
 from attention_cnn.explain.base import Explainer
-from attention_cnn.explain.methods import NativeMap
+from attention_cnn.explain.methods import NativeMap, OcclusionMap, occlusion_window
+from attention_cnn.explain.metrics.deletion_insertion import deletion_fill
 from attention_cnn.explain.metrics.grid import (CONFIDENCE, build_mosaics, confident, grid_scores,
                                                 grid_unsupported, layout_for)
 from attention_cnn.explain.report import metric_files, summarize, verdict
@@ -313,3 +315,22 @@ def test_the_widest_metrics_table_with_the_grid_column_fits_160_columns(tmp_path
     lines = table.splitlines()
     assert "gpg" in lines[0].split() and len(lines) == 1 + len(declared), table
     assert max(len(line.rstrip()) for line in lines) <= 160, table
+
+
+def test_occlusion_on_mosaics_runs_each_mosaic_once_per_window_with_the_same_maps(split):
+    model = cam_model()
+    mosaics = build_mosaics(split.images, split.labels, everything(split), len(split.classes), count=3, seed=0)
+    images, targets = mosaics.images.float() / 255, mosaics.targets  # each mosaic 4 times in a row, one per cell
+    rows = []
+    hook = model.trunk.register_forward_hook(lambda module, args, out: rows.append(args[0].shape[0]))
+    with torch.no_grad():
+        occlusion = Occlusion(lambda x: model(x).logits)  # Captum's plain use: every row forwarded
+        side = occlusion_window(images.shape[-1])[0]
+        window = dict(sliding_window_shapes=(3, side, side), strides=(3, side, side),
+                      baselines=deletion_fill(images, model.mean), target=targets, perturbations_per_eval=5)
+        expected = occlusion.attribute(images, **window).sum(dim=1)
+        every_row, rows[:] = sum(rows), []
+        maps = OcclusionMap(batch_size=60).raw(model, images, targets)
+    hook.remove()
+    assert torch.allclose(maps, expected, atol=1e-5)
+    assert sum(rows) * mosaics.per_mosaic == every_row  # a quarter of the forwards on 2 x 2 mosaics

@@ -267,6 +267,34 @@ def test_a_stopped_train_keeps_its_checkpoint_releases_its_lock_and_says_how_to_
     assert (out / "metrics/metrics.json").is_file()  # the epochs it logged, which the resume replays
 
 
+SWALLOWED_STOP = """
+import os, signal
+from attention_cnn import startup
+startup.handle_stop_signals()
+
+class Finalized:
+    def __del__(self):  # the handler runs in here, and Python drops what a __del__ raises
+        os.kill(os.getpid(), signal.SIG{name})
+        sum(range(10**6))
+
+Finalized()
+print("still running", flush=True)
+startup.raise_if_stopped()
+print("not reached", flush=True)
+"""
+
+
+# An uncaught KeyboardInterrupt ends Python by SIGINT (-2); SystemExit(143) with that status.
+@pytest.mark.parametrize("name, code", [("INT", -signal.SIGINT), ("TERM", 143)])
+def test_a_stop_signal_dropped_inside_a_finalizer_is_raised_again_by_the_loop(name, code):
+    done = subprocess.run([sys.executable, "-c", SWALLOWED_STOP.format(name=name)], env=ENV, capture_output=True,
+                          text=True, timeout=60)
+    assert "Exception ignored in" in done.stderr and done.stdout == "still running\n", done.stderr
+    assert done.returncode == code, done.stderr
+    if name == "INT":
+        assert last_line(done.stderr) == "KeyboardInterrupt"
+
+
 def test_a_train_stopped_before_its_first_epoch_leaves_no_metrics_folder(tmp_path):
     out = tmp_path / "out"
     proc = start_endless_train(tmp_path, out, val_every=1_000_000)

@@ -4,12 +4,14 @@ and the machine's own), and the warning when a run is no better than guessing.""
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import yaml
+from PIL import Image
 
 from attention_cnn.data.prepare import prepare
 from attention_cnn.data.prepared import load_split
@@ -19,8 +21,8 @@ from attention_cnn.inference import predict_logits
 from attention_cnn.metrics import chance_level, near_chance, not_learned_warning
 from attention_cnn.model import load_model
 from attention_cnn.params import parse_params
-from attention_cnn.training.schedule import (EpochResult, Plan, TrainingState, decay_start_step, patience_from_epoch,
-                                            plan_training, wsd_factor)
+from attention_cnn.training.schedule import (EpochResult, Plan, TrainingState, WsdSchedule, decay_start_step,
+                                            patience_from_epoch, plan_training, wsd_factor)
 from attention_cnn.training.train import train
 
 from test_train import one_thread  # noqa: F401 (an autouse fixture: tiny tensors, one thread)
@@ -103,11 +105,16 @@ def test_default_recipe_learns_a_small_folder_on_every_seed(tmp_path, capsys, se
     result = train(params, folder, tmp_path / "model.pt", tmp_path / "ckpt", tmp_path / "metrics", progress=False)
     plan = plan_training(params.train, len(load_split(folder, "train")))
     assert plan.passes > 1 and plan.steps >= 300 and result.epochs_run <= plan.epochs
-    # The LR each epoch started with is wsd's, stepped per optimizer step.
+    # The LR each epoch started with is wsd's, stepped per optimizer step, with the decay brought forward to
+    # the first perfect val, if any (replayed here as a resumed run replays it).
     per_epoch = plan.passes * plan.steps_per_pass
-    expected = [params.train.lr * wsd_factor(e * per_epoch, plan.steps, params.train.warmup, params.train.decay)
-                for e in range(result.epochs_run)]
-    assert [h.lr for h in result.history] == pytest.approx(expected)
+    replay = TrainingState(patience=params.train.patience, epochs=plan.epochs, steps_per_epoch=per_epoch,
+                           schedule=WsdSchedule.planned(params.train.warmup, params.train.decay, plan.steps))
+    expected = []
+    for h in result.history:
+        expected.append(params.train.lr * replay.schedule.factor((h.epoch - 1) * per_epoch))
+        replay.update(h)
+    assert [h.lr for h in result.history] == pytest.approx(expected) and replay.epochs >= result.epochs_run
     test = load_split(folder, "test")
     logits = predict_logits(load_model(tmp_path / "model.pt").model, test.images, 64)
     accuracy = (logits.argmax(1) == test.labels).float().mean().item()
@@ -189,6 +196,41 @@ def test_patience_counts_only_in_the_decay_phase_unless_val_is_perfect():
     assert perfect.stopping_early and perfect.best_epoch == 1
 
 
+def test_a_perfect_val_in_the_stable_phase_starts_the_decay_and_shortens_the_run():
+    # 40 epochs of 50 steps: warm-up to step 100, stable to 1400, a decay of 600 steps to 2000 (train.decay 0.3).
+    schedule = WsdSchedule.planned(0.05, 0.3, 2000)
+    assert [schedule.factor(s) for s in range(2000)] == [wsd_factor(s, 2000, 0.05, 0.3) for s in range(2000)]
+    state = TrainingState(patience=3, epochs=40, chance_ceiling=0.5, patience_from=29, schedule=schedule,
+                          steps_per_epoch=50)
+    for n, accuracy in enumerate([0.4, 0.8, 0.9, 0.95, 0.95, 0.97], start=1):
+        state.update(epoch(n, accuracy, 0.1))
+    assert state.epochs == 40 and state.early_decay_epoch == 0 and schedule.factor(350) == 1.0
+    state.update(epoch(7, 1.0, 0.05))  # step 350: the planned 600 steps of decay start now, to step 950
+    assert state.early_decay_epoch == 7 and state.epochs == 19 and (schedule.decay_start, schedule.total) == (350, 950)
+    factors = [schedule.factor(s) for s in range(350, 950)]
+    assert factors[0] == 1.0 and factors == sorted(factors, reverse=True) and factors[-1] < 1e-4
+    assert factors == [wsd_factor(s, 2000, 0.05, 0.3) for s in range(1400, 2000)]  # the planned decay, sooner
+    state.update(epoch(8, 1.0, 0.01))  # progress (a loss lower by 0.01); a second perfect val changes nothing
+    for n in range(9, 19):
+        state.update(epoch(n, 0.99 + 0.01 * (n % 2), 0.02))
+        assert not state.done or n == 11  # patience still counts in the decay: it ends the run at epoch 11
+        if state.done:
+            break
+    assert state.stopping_early and (schedule.decay_start, schedule.total) == (350, 950)
+    # Not in the warm-up, nor once the planned decay has begun, nor without a decay (train.decay 0); a decay
+    # shorter than an epoch lasts one.
+    for step, decay in ((50, 0.3), (1450, 0.3), (350, 0.0)):
+        assert not WsdSchedule.planned(0.05, decay, 2000).decay_after(step, 50)
+    short = WsdSchedule.planned(0.05, 0.01, 2000)
+    assert short.decay_after(200, 50) and (short.decay_start, short.total) == (200, 250)
+    # A budget that ends part-way through an epoch (2,000 steps of 48: the 42nd has 32): a decay that reaches
+    # the budget keeps that last, short epoch.
+    ragged = TrainingState(patience=3, epochs=42, schedule=WsdSchedule.planned(0.05, 0.3, 2000), steps_per_epoch=48)
+    for n in range(1, 30):
+        ragged.update(epoch(n, 0.9 + 0.1 * (n == 29), 0.1))  # perfect at step 1,392: 1,992 rounds up past 2,000
+    assert (ragged.schedule.decay_start, ragged.schedule.total, ragged.epochs) == (1392, 2000, 42)
+
+
 class Killed(Exception):
     pass
 
@@ -208,5 +250,44 @@ def test_a_wsd_run_resumed_after_a_kill_ends_bit_identical(tmp_path):
     resumed = train(params, folder, tmp_path / "b.pt", tmp_path / "ckpt-b", None, progress=False)
     speedless = lambda history: [dataclasses.replace(h, images_per_s=0.0) for h in history]  # noqa: E731
     assert resumed.resumed_from == 2 and speedless(resumed.history) == speedless(whole.history)
+    a, b = (load_model(tmp_path / name).model.state_dict() for name in ("a.pt", "b.pt"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def dark_and_light(folder: Path) -> Path:
+    """Two classes any model tells apart within a few epochs (dark and light noise), 16 images each."""
+    rng = np.random.default_rng(0)
+    for name, level in (("dark", 40), ("light", 215)):
+        (folder / name).mkdir(parents=True)
+        for i in range(16):
+            pixels = np.clip(rng.normal(level, 30, (32, 32, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(folder / name / f"{i}.png")
+    return folder
+
+
+@pytest.mark.parametrize("kill_after", [3, 4])  # the perfect epoch (3 here), and one into the early decay
+def test_a_run_whose_decay_a_perfect_val_started_resumes_bit_identical(tmp_path, capsys, kill_after):
+    params = params_for(dark_and_light(tmp_path / "src"), steps=200, val_every=10)
+    prepare(params, tmp_path / "prepared", progress=False)
+    folder = tmp_path / "prepared"
+
+    def kill(result):
+        if result.epoch == kill_after:
+            raise Killed
+
+    whole = train(params, folder, tmp_path / "a.pt", tmp_path / "ckpt-a", None, progress=False)
+    # 10 steps an epoch, warm-up to step 10, a planned decay of 60 steps from step 140. Perfect at epoch 3 on
+    # the CPUs tried (step 30): the 60 steps of decay start there and end the run after epoch 9.
+    perfect = next(h.epoch for h in whole.history if h.val_accuracy == 1.0)
+    assert 2 <= perfect <= 4 and whole.epochs_run == perfect + 6 and not whole.stopped_early
+    decay = [1e-3 * 0.5 * (1 + math.cos(math.pi * k / 6)) for k in range(6)]  # at each epoch's first step
+    assert [h.lr for h in whole.history][perfect:] == pytest.approx(decay)
+    assert (f"wsd's decay starts now and ends the run after epoch {perfect + 6} (step {10 * perfect + 60})"
+            in capsys.readouterr().out)
+    with pytest.raises(Killed):
+        train(params, folder, tmp_path / "b.pt", tmp_path / "ckpt-b", None, progress=False, on_epoch_end=kill)
+    resumed = train(params, folder, tmp_path / "b.pt", tmp_path / "ckpt-b", None, progress=False)
+    speedless = lambda history: [dataclasses.replace(h, images_per_s=0.0) for h in history]  # noqa: E731
+    assert resumed.resumed_from == kill_after and speedless(resumed.history) == speedless(whole.history)
     a, b = (load_model(tmp_path / name).model.state_dict() for name in ("a.pt", "b.pt"))
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -195,9 +195,10 @@ MEANINGS = {
     "train.label_smoothing": "cross-entropy target: 1 - x on the class, x spread over all classes",
     "train.lr_schedule": "`wsd`: warm-up, stable, decay, set every step; `cosine`, `step`, `constant`: set per epoch",
     "train.warmup": "with `wsd`, the fraction of the steps over which the learning rate rises from 0",
-    "train.decay": "with `wsd`, the fraction of the steps, at the end, over which the learning rate falls to 0",
+    "train.decay": "with `wsd`, the fraction of the steps, at the end, over which the learning rate falls to 0 (it "
+                   "starts sooner, the same length, at the first perfect val score)",
     "train.patience": "epochs without validation progress before stopping early (with `wsd` counted only from "
-                      "its decay, or at a perfect val score; never at chance)",
+                      "its decay; never at chance)",
     "train.augment": "apply the random per-image changes below; `false`: none of them",
     "train.max_shift": "largest random shift, as a fraction of `img_size`",
     "train.flip": "random flips: `horizontal`, `both` (only for classes with no \"up\"), or `none`",

@@ -35,8 +35,34 @@ def missing_packages() -> list[str]:
     return [name for name in REQUIRED if importlib.util.find_spec(name) is None]
 
 
+_stopped_by: int | None = None  # the signal that asked this process to stop, once one has
+
+
 def _terminate(signum: int, frame) -> None:
-    raise SystemExit(128 + signum)  # through Python: `finally` and the atomic writers' cleanup run
+    global _stopped_by
+    _stopped_by = signum
+    raise _stop_exception(signum)  # through Python: `finally` and the atomic writers' cleanup run
+
+
+def _stop_exception(signum: int) -> BaseException:
+    return KeyboardInterrupt() if signum == signal.SIGINT else SystemExit(128 + signum)
+
+
+def raise_if_stopped() -> None:
+    """Raise again the stop a signal asked for, if one did. Python runs a signal's handler wherever the main
+    thread is, and an exception raised inside a __del__ or a garbage-collector callback is printed and dropped
+    ("Exception ignored in ..."): a training loop with no end of its own then went on after Ctrl-C. Loops call
+    this once an epoch."""
+    if _stopped_by is not None:
+        raise _stop_exception(_stopped_by)
+
+
+def handle_stop_signals() -> None:
+    """SIGTERM (a cancelled Slurm job, `kill`) a clean exit as Ctrl-C is, and both remembered for
+    raise_if_stopped."""
+    signal.signal(signal.SIGTERM, _terminate)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where a caller ignores Ctrl-C
+        signal.signal(signal.SIGINT, _terminate)
 
 
 # A parent with one of these names is the `sh -c` that DVC ran `cmd` through, not the process that owns the stage.
@@ -71,7 +97,7 @@ def exit_with_parent() -> None:
     """Make SIGTERM a clean exit and send it to this process when its parent, or the process that started the
     parent shell, dies."""
     parent = os.getppid()
-    signal.signal(signal.SIGTERM, _terminate)
+    handle_stop_signals()
     owner = _parent_of(parent) if _command_name(parent) in SHELLS else None  # who started the shell
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL(None, use_errno=True)
@@ -107,4 +133,4 @@ def start_command() -> None:
     if "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ:  # distributed.inside_torchrun, without torch
         exit_with_parent()
     else:
-        signal.signal(signal.SIGTERM, _terminate)
+        handle_stop_signals()

@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 from captum.attr import IntegratedGradients, LayerGradCam, NoiseTunnel, Occlusion, Saliency
 
-from attention_cnn.explain.base import Explainer, gradients_on, logits_of, plain
+from attention_cnn.explain.base import Explainer, gradients_on, logits_of, once_per_image, plain
 from attention_cnn.explain.metrics.deletion_insertion import deletion_fill
 
 IG_STEPS = 16
@@ -120,7 +120,7 @@ class OcclusionMap(Explainer):
     def raw(self, model, images, targets):
         side, stride = occlusion_window(images.shape[-1])
         with torch.no_grad():
-            occlusion = Occlusion(logits_of(model))
+            occlusion = Occlusion(once_per_image(logits_of(model)))
             attribution = occlusion.attribute(images, sliding_window_shapes=(3, side, side),
                                               strides=(3, stride, stride),
                                               baselines=deletion_fill(images, model.mean).contiguous(), target=targets,

@@ -42,9 +42,10 @@ from attention_cnn.errors import UserError
 from attention_cnn.memory import check_model_fits
 from attention_cnn.metrics import chance_ceiling, chance_level, not_learned_warning
 from attention_cnn.model import AttentionCNN, save_model
-from attention_cnn.params import Params, TrainParams
-from attention_cnn.training.schedule import (LOSS_MIN_DELTA, EpochResult, Plan, TrainingState, patience_from_epoch,
-                                            plan_training, wsd_factor)
+from attention_cnn.params import Params
+from attention_cnn.startup import raise_if_stopped
+from attention_cnn.training.schedule import (LOSS_MIN_DELTA, EpochResult, Plan, TrainingState, WsdSchedule,
+                                            patience_from_epoch, plan_training)
 
 # An epoch of fewer optimizer steps than this barely moves the weights: train warns and says what to change.
 MIN_STEPS_PER_EPOCH = 10
@@ -137,10 +138,10 @@ def make_scheduler(optimizer: torch.optim.Optimizer, schedule: str, epochs: int)
     return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
 
 
-def make_step_scheduler(optimizer: torch.optim.Optimizer, tp: TrainParams, plan: Plan):
-    """wsd, stepped after every optimizer step: a warm-up of 100 steps would be 2 epochs if stepped per epoch."""
-    total, warmup, decay = plan.steps, tp.warmup, tp.decay
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: wsd_factor(step, total, warmup, decay))
+def make_step_scheduler(optimizer: torch.optim.Optimizer, schedule: WsdSchedule):
+    """wsd, stepped after every optimizer step: a warm-up of 100 steps would be 2 epochs if stepped per epoch.
+    `schedule` is read at every step: TrainingState may start its decay early."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule.factor(step))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -217,16 +218,19 @@ def _train(params: Params, ctx: Dist, prepared_dir: Path, model_path: Path, chec
             f"({_passes(plan)} over {len(train_split)} images), {plan.steps} steps in all "
             f"(train.steps={params.train.steps}).")
     check_model_fits(params.model, train_split.img_size, ctx.device, params.train.batch_size)
-    run = _build_run(params, ctx, train_split, val_split, per_rank, plan, progress, resident, say)
+    tp = params.train
+    state = TrainingState(tp.patience, plan.epochs,
+                          chance_ceiling=chance_ceiling(len(train_split.classes), len(val_split)),
+                          patience_from=patience_from_epoch(tp, plan),
+                          schedule=(WsdSchedule.planned(tp.warmup, tp.decay, plan.steps) if tp.lr_schedule == "wsd"
+                                    else None), steps_per_epoch=plan.steps_per_epoch)
+    run = _build_run(params, ctx, train_split, val_split, per_rank, plan, state, progress, resident, say)
 
     run_fingerprint = training_fingerprint(params, train_split, val_split)
     check_same_run(run_fingerprint, params, ctx)
     saved_at = checkpoint_path(checkpoint_dir, run_fingerprint)
     if ctx.is_main:  # a second run of this fingerprint in this checkout is refused while this one trains
         held.enter_context(run_lock(saved_at))
-    state = TrainingState(params.train.patience, plan.epochs,
-                          chance_ceiling=chance_ceiling(len(train_split.classes), len(val_split)),
-                          patience_from=patience_from_epoch(params.train, plan))
     if ctx.is_main:
         held.enter_context(_say_how_to_resume(saved_at, state, metrics_dir))
     metrics = _Metrics(metrics_dir if ctx.is_main else None, round(chance_level(len(train_split.classes)), 3))
@@ -237,7 +241,8 @@ def _train(params: Params, ctx: Dist, prepared_dir: Path, model_path: Path, chec
     run.step_model = _step_model(run.net, ctx, params.train.compile)
 
     while not state.done:
-        result = _train_one_epoch(run, epoch=len(state.history) + 1)
+        raise_if_stopped()
+        result = _train_one_epoch(run, epoch=len(state.history) + 1, epochs=state.epochs)
         if state.update(result):
             best_weights = _keep_best(run.net, best_weights)
         _report(result, state, say)
@@ -263,7 +268,7 @@ def _train(params: Params, ctx: Dist, prepared_dir: Path, model_path: Path, chec
     return TrainResult(best_epoch=state.best_epoch, best_val_accuracy=state.best_val_accuracy,
                        best_val_loss=state.best_val_loss, last_progress_epoch=state.last_progress_epoch,
                        epochs_run=len(state.history),
-                       stopped_early=len(state.history) < plan.epochs, resumed_from=resumed_from,
+                       stopped_early=state.stopping_early, resumed_from=resumed_from,
                        history=state.history, model_path=written)
 
 
@@ -348,7 +353,8 @@ def _warn_if_few_steps(prepared_dir: Path, num_train: int, per_rank: int, steps:
 
 
 def _build_run(params: Params, ctx: Dist, train_split: PreparedSplit, val_split: PreparedSplit, per_rank: int,
-               plan: Plan, progress: bool, resident: bool | None, say: Callable[[str], None]) -> _Run:
+               plan: Plan, state: TrainingState, progress: bool, resident: bool | None,
+               say: Callable[[str], None]) -> _Run:
     tp, device = params.train, ctx.device
     # Model: same initial weights on every rank (DDP would broadcast them anyway); dropout streams differ.
     torch.manual_seed(params.seed)
@@ -374,7 +380,7 @@ def _build_run(params: Params, ctx: Dist, train_split: PreparedSplit, val_split:
                 "free memory; streaming their batches from host memory.")
     val_data = BatchSource(val_split.images, val_split.labels, device, resident)
     return _Run(params=params, ctx=ctx, net=net, optimizer=optimizer,
-                scheduler=(make_step_scheduler(optimizer, tp, plan) if tp.lr_schedule == "wsd"
+                scheduler=(make_step_scheduler(optimizer, state.schedule) if state.schedule is not None
                            else make_scheduler(optimizer, tp.lr_schedule, plan.epochs)), generators=generators,
                 train_data=BatchSource(train_split.images, train_split.labels, device, resident), val_data=val_data,
                 val_indices=torch.arange(ctx.rank, len(val_split), ctx.world_size, device=val_data.index_device),
@@ -407,12 +413,12 @@ def _resume(run: _Run, state: TrainingState, metrics: _Metrics, saved: dict | No
     return saved["best_weights"]
 
 
-def _train_one_epoch(run: _Run, epoch: int) -> EpochResult:
+def _train_one_epoch(run: _Run, epoch: int, epochs: int) -> EpochResult:
     tp, ctx, device = run.params.train, run.ctx, run.ctx.device
     lr = run.optimizer.param_groups[0]["lr"]
     pass_steps = run.plan.pass_steps(epoch)  # train.steps may end the epoch part-way through a pass
     bar = tqdm(total=sum(min(run.per_rank, steps * tp.batch_size) for steps in pass_steps) * ctx.world_size,
-               desc=f"epoch {epoch}/{run.plan.epochs}",
+               desc=f"epoch {epoch}/{epochs}",
                unit="img", unit_scale=True, disable=not (run.progress and ctx.is_main), leave=False,
                dynamic_ncols=True)
     started = time.perf_counter()
@@ -444,6 +450,9 @@ def _report(result: EpochResult, state: TrainingState, say: Callable[[str], None
     say(f"epoch {result.epoch}/{state.epochs}: train loss {result.train_loss:.4f} acc {result.train_accuracy:.4f} | "
         f"val loss {result.val_loss:.4f} acc {result.val_accuracy:.4f} | lr {result.lr:.2e} | "
         f"{result.images_per_s:,.0f} img/s" + (" | best" if state.best_epoch == result.epoch else ""))
+    if state.early_decay_epoch == result.epoch:
+        say(f"val accuracy is perfect: wsd's decay starts now and ends the run after epoch {state.epochs} "
+            f"(step {state.schedule.total}).")
     if state.stopping_early:
         say(f"early stop: no val progress (a higher accuracy, or the same with a loss lower by {LOSS_MIN_DELTA}) "
             f"for {state.patience} epochs since epoch {state.last_progress_epoch}; keeping the best, epoch "
