@@ -22,7 +22,7 @@ from attention_cnn.metrics import chance_level, near_chance, not_learned_warning
 from attention_cnn.model import load_model
 from attention_cnn.params import parse_params
 from attention_cnn.training.schedule import (EpochResult, Plan, TrainingState, WsdSchedule, decay_start_step,
-                                            patience_from_epoch, plan_training, wsd_factor)
+                                            patience_from_epoch, plan_training)
 from attention_cnn.training.train import train
 
 from test_train import one_thread  # noqa: F401 (an autouse fixture: tiny tensors, one thread)
@@ -165,13 +165,14 @@ def test_early_stopping_ignores_tiny_loss_gains_and_waits_while_val_is_at_chance
 
 def test_wsd_warms_up_holds_the_peak_then_decays_to_zero():
     total, warmup, decay = 1000, 0.05, 0.3
-    factors = [wsd_factor(step, total, warmup, decay) for step in range(total)]
+    factors = [WsdSchedule.planned(warmup, decay, total).factor(step) for step in range(total)]
     assert factors[0] == pytest.approx(1 / 50) and factors[49] == 1.0   # linear rise over the first 50 steps
     assert factors[:50] == sorted(factors[:50])
     start = decay_start_step(total, decay)
     assert start == 700 and set(factors[50:start]) == {1.0}            # stable: 650 steps at the peak
     assert factors[start:] == sorted(factors[start:], reverse=True) and factors[-1] < 1e-4
-    assert wsd_factor(0, total, 0.0, 0.0) == 1.0 and wsd_factor(999, total, 0.0, 0.0) == 1.0  # = constant
+    constant = WsdSchedule.planned(0.0, 0.0, total)
+    assert constant.factor(0) == 1.0 and constant.factor(999) == 1.0
 
 
 def test_patience_counts_only_in_the_decay_phase_unless_val_is_perfect():
@@ -198,8 +199,7 @@ def test_patience_counts_only_in_the_decay_phase_unless_val_is_perfect():
 
 def test_a_perfect_val_in_the_stable_phase_starts_the_decay_and_shortens_the_run():
     # 40 epochs of 50 steps: warm-up to step 100, stable to 1400, a decay of 600 steps to 2000 (train.decay 0.3).
-    schedule = WsdSchedule.planned(0.05, 0.3, 2000)
-    assert [schedule.factor(s) for s in range(2000)] == [wsd_factor(s, 2000, 0.05, 0.3) for s in range(2000)]
+    schedule, planned = WsdSchedule.planned(0.05, 0.3, 2000), WsdSchedule.planned(0.05, 0.3, 2000)
     state = TrainingState(patience=3, epochs=40, chance_ceiling=0.5, patience_from=29, schedule=schedule,
                           steps_per_epoch=50)
     for n, accuracy in enumerate([0.4, 0.8, 0.9, 0.95, 0.95, 0.97], start=1):
@@ -209,7 +209,7 @@ def test_a_perfect_val_in_the_stable_phase_starts_the_decay_and_shortens_the_run
     assert state.early_decay_epoch == 7 and state.epochs == 19 and (schedule.decay_start, schedule.total) == (350, 950)
     factors = [schedule.factor(s) for s in range(350, 950)]
     assert factors[0] == 1.0 and factors == sorted(factors, reverse=True) and factors[-1] < 1e-4
-    assert factors == [wsd_factor(s, 2000, 0.05, 0.3) for s in range(1400, 2000)]  # the planned decay, sooner
+    assert factors == [planned.factor(s) for s in range(1400, 2000)]  # the planned decay, sooner
     state.update(epoch(8, 1.0, 0.01))  # progress (a loss lower by 0.01); a second perfect val changes nothing
     for n in range(9, 19):
         state.update(epoch(n, 0.99 + 0.01 * (n % 2), 0.02))

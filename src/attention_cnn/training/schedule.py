@@ -55,55 +55,47 @@ def plan_training(tp: TrainParams, per_rank: int) -> Plan:
                 max_steps=tp.steps)
 
 
-def wsd_factor(step: int, total: int, warmup: float, decay: float) -> float:
-    """The wsd schedule's LR multiplier before optimizer step `step` (0-based) of `total`: a linear rise to 1 over
-    the first `warmup` of the steps, 1 (the stable phase), then a cosine fall to 0 over the last `decay`.
+@dataclass
+class WsdSchedule:
+    """The wsd schedule of one run: `factor(step)`, the LR multiplier before optimizer step `step` (0-based; what
+    LambdaLR calls each step), a linear rise to 1 over the first `warm` steps, 1 (the stable phase), then a
+    cosine fall to 0 from `decay_start` to `total`; and the one change a run makes to it, `decay_after`.
 
     Why not one cosine over the whole budget: small folders sit near chance for hundreds of steps before they
     "take off", and a cosine has already lowered the LR by then, so whether a run learns became a matter of seed
-    and float rounding. A long stable phase leaves the take-off time; the decay at the end still anneals."""
-    return _wsd(step, round(warmup * total), decay_start_step(total, decay), total)
+    and float rounding. A long stable phase leaves the take-off time; the decay at the end still anneals.
 
-
-def _wsd(step: int, warm: int, decay_start: int, total: int) -> float:
-    if step < warm:
-        return (step + 1) / warm
-    if step < decay_start:
-        return 1.0
-    t = (step - decay_start) / max(1, total - decay_start)
-    return 0.5 * (1 + math.cos(math.pi * t))
-
-
-@dataclass
-class WsdSchedule:
-    """The wsd multipliers of one run (`factor`, what LambdaLR calls each step), and the one change a run makes to
-    them: a perfect val accuracy in the stable phase starts the decay at once (`decay_after`).
-
-    Why: a perfect val cannot select a more accurate model, so more steps at the peak LR only wait. Runs that got
-    there early used to stop at the peak LR (patience ran out before the planned decay), unannealed: the built-in
-    sample's seed 1 scored 0.978 and 0.989 on two CPU kernel paths, 0.994 on both now. The decay is as long as
-    planned (at least one epoch): 0.3 / 0.7 of the steps so far, the run's own 30 %, annealed too little (0.983).
-    The change is a function of the val history, so a resumed run, which replays its history, makes it again at
-    the same epoch: the checkpoint needs nothing more."""
+    Why a perfect val starts the decay at once: it cannot select a more accurate model, so more steps at the peak
+    LR only wait. Runs that got there early used to stop at the peak LR (patience ran out before the planned
+    decay), unannealed: the built-in sample's seed 1 scored 0.978 and 0.989 on two CPU kernel paths, 0.994 on
+    both now. The decay is as long as planned (at least one epoch): 0.3 / 0.7 of the steps so far, the run's own
+    30 %, annealed too little (0.983). The change is a function of the val history, so a resumed run, which
+    replays its history, makes it again at the same epoch: the checkpoint needs nothing more."""
     total: int          # optimizer steps of the run
     warm: int           # steps of the linear rise
-    decay_start: int    # the first step of the cosine fall to 0 at `total`
-    decay: float        # train.decay (0: no decay to bring forward)
+    decay_start: int    # the first step of the cosine fall to 0 at `total` (= total: no decay)
 
     @classmethod
     def planned(cls, warmup: float, decay: float, total: int) -> WsdSchedule:
-        return cls(total=total, warm=round(warmup * total), decay_start=decay_start_step(total, decay), decay=decay)
+        """train.warmup and train.decay, fractions of `total`."""
+        return cls(total=total, warm=round(warmup * total), decay_start=decay_start_step(total, decay))
 
     def factor(self, step: int) -> float:
-        return _wsd(step, self.warm, self.decay_start, self.total)
+        if step < self.warm:
+            return (step + 1) / self.warm
+        if step < self.decay_start:
+            return 1.0
+        t = (step - self.decay_start) / max(1, self.total - self.decay_start)
+        return 0.5 * (1 + math.cos(math.pi * t))
 
     def decay_after(self, step: int, steps_per_epoch: int) -> bool:
         """Start the decay at `step`, the end of an epoch with a perfect val, when that is in the stable phase;
-        the run's new `total` is a whole number of epochs. False when nothing changes."""
-        if self.decay <= 0 or not self.warm <= step < self.decay_start:
+        the run's new `total` is a whole number of epochs. False when nothing changes (no decay planned)."""
+        length = self.total - self.decay_start  # the planned decay's
+        if length == 0 or not self.warm <= step < self.decay_start:
             return False
-        length = max(steps_per_epoch, self.total - self.decay_start)  # the planned decay's length
-        self.total = min(self.total, math.ceil((step + length) / steps_per_epoch) * steps_per_epoch)
+        self.total = min(self.total, math.ceil((step + max(steps_per_epoch, length)) / steps_per_epoch)
+                         * steps_per_epoch)
         self.decay_start = step
         return True
 
