@@ -97,14 +97,24 @@ def test_class_maps_sum_over_positions_plus_bias_to_the_logits(variant, head):
 
 
 def test_class_attention_weighs_each_class_by_its_own_softmax_over_positions():
-    """Written out by hand for one image: class k's logit is sum_s softmax_s(z_k)_s z_ks + b_k, z_ks = W_k . f_s."""
+    """Written out by hand for one image: class k's logit is sum_s softmax_s(T z_k)_s z_ks + b_k, z_ks = W_k . f_s."""
     model = tiny("conv", head="class_attention").eval()
     out = model(torch.rand(1, 3, IMG, IMG))
     features = out.attended[0].flatten(1)                        # (C, h*w)
     weight, bias = model.head[-1].weight, model.head[-1].bias    # (K, C), (K,)
+    temperature = model.log_temperature.exp()
+    assert temperature.item() == pytest.approx(5.0)              # CLASS_ATTENTION_TEMPERATURE, before training
     for k in range(K):
         z = weight[k] @ features                                 # (h*w,)
-        torch.testing.assert_close(out.logits[0, k], (z.softmax(0) * z).sum() + bias[k], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out.logits[0, k], ((temperature * z).softmax(0) * z).sum() + bias[k],
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_class_attention_learns_its_temperature():
+    model = tiny("conv", head="class_attention")
+    model(torch.rand(B, 3, IMG, IMG)).logits.logsumexp(dim=1).sum().backward()
+    assert model.log_temperature.grad is not None and model.log_temperature.grad.abs() > 0
+    assert "log_temperature" in model.state_dict()  # saved with the model, so predict sees the trained one
 
 
 def test_pooled_heads_ignore_where_the_evidence_is_and_flatten_does_not():

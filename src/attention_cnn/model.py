@@ -33,6 +33,7 @@ from attention_cnn.params import RESIZE_POLICIES, ModelParams, ParamsError, pars
 
 # Heads whose logit is a sum of per-position class shares, the model's own class map (`class_maps`).
 CLASS_MAP_HEADS = ("cam", "class_attention")
+CLASS_ATTENTION_TEMPERATURE = 5.0  # the class softmax's temperature at init (model.head=class_attention)
 
 
 class AttentionOutput(NamedTuple):
@@ -228,6 +229,11 @@ class AttentionCNN(nn.Module):
                 nn.Dropout(params.dropout),
                 nn.Linear(params.hidden, num_classes),
             )
+        if params.head == "class_attention":
+            # log of the class softmax's temperature, learned. At 1 the softmax over positions is near uniform at
+            # init and the head sat at chance on cluttered shapes for > 1,000 steps; from 5 it leaves chance
+            # within 50-100 steps of `gmp` (BENCHMARKS.md, "class_attention, learnable temperature").
+            self.log_temperature = nn.Parameter(torch.tensor(math.log(CLASS_ATTENTION_TEMPERATURE)))
 
     @torch.no_grad()
     def set_normalization(self, mean: torch.Tensor, std: torch.Tensor) -> None:
@@ -252,7 +258,8 @@ class AttentionCNN(nn.Module):
         `cam` (Zhou et al. 2016): logits = W pool(attended) + b with pooling linear (an average; for `ltpa` the
         sum its mask weights), so position s's share of logit k is W_k . attended[:, :, s] times the pooling weight.
         `class_attention`: class k pools its own scores z_ks = W_k . attended[:, :, s] with its own attention over
-        positions, a_k = softmax_s(z_k), so logit k = sum_s a_ks z_ks + b_k and a_ks z_ks is position s's share.
+        positions, a_k = softmax_s(T z_k) with T a learned temperature, so logit k = sum_s a_ks z_ks + b_k and
+        a_ks z_ks is position s's share.
         One mask per class (as Attention Branch Networks' class-wise maps, Fukui et al. 2019): where two classes
         are in view, each class's logit, and its map, come from the positions that look like it."""
         if not self.has_class_maps:
@@ -260,7 +267,8 @@ class AttentionCNN(nn.Module):
                              f"head={self.params.head}")
         scores = torch.einsum("bchw,kc->bkhw", attended, self.head[-1].weight)   # (B, K, h, w)
         if self.params.head == "class_attention":
-            weights = scores.flatten(2).softmax(dim=2).view_as(scores)            # (B, K, h, w), sums to 1
+            sharpened = scores * self.log_temperature.exp()
+            weights = sharpened.flatten(2).softmax(dim=2).view_as(scores)         # (B, K, h, w), sums to 1
             return weights * scores
         h, w = attended.shape[-2:]
         return scores * (1.0 if isinstance(self.attention, LTPAttention) else 1.0 / (h * w))
