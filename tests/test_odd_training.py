@@ -221,11 +221,17 @@ def test_a_real_run_makes_train_steps_optimizer_steps(tmp_path, capsys, monkeypa
 # ---------------------------------------------------------------------------- SIGTERM and Ctrl-C
 
 
+def ctrl_c_live() -> None:
+    """A child's SIGINT as in a terminal's foreground job. A pytest started in the background (`make test &`,
+    nohup, a script's `&`) inherits SIGINT ignored, and train rightly leaves an ignored Ctrl-C ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_train(folder: Path, params: Path, out: Path) -> subprocess.Popen:
     argv = [sys.executable, "-m", "attention_cnn.cli", "train", "--params", str(params), "--prepared", str(folder),
             "--model", str(out / "models/model.pt"), "--metrics-dir", str(out / "metrics")]
     return subprocess.Popen(argv, env={**ENV, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=ctrl_c_live)
 
 
 def stopped(proc: subprocess.Popen, sig: signal.Signals) -> tuple[int, str]:
@@ -288,7 +294,7 @@ print("not reached", flush=True)
 @pytest.mark.parametrize("name, code", [("INT", -signal.SIGINT), ("TERM", 143)])
 def test_a_stop_signal_dropped_inside_a_finalizer_is_raised_again_by_the_loop(name, code):
     done = subprocess.run([sys.executable, "-c", SWALLOWED_STOP.format(name=name)], env=ENV, capture_output=True,
-                          text=True, timeout=60)
+                          text=True, timeout=60, preexec_fn=ctrl_c_live)
     assert "Exception ignored in" in done.stderr and done.stdout == "still running\n", done.stderr
     assert done.returncode == code, done.stderr
     if name == "INT":
