@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from attention_cnn.errors import UserError
 from attention_cnn.memory import available_memory_bytes, check_dense_fits, check_model_fits, dense_attention_bytes
-from attention_cnn.model import AttentionCNN, ConvAttention, DenseAttention, load_model, save_model
+from attention_cnn.model import (CLASS_ATTENTION_TEMPERATURE, AttentionCNN, ConvAttention, DenseAttention, load_model,
+                                 save_model)
 from attention_cnn.params import ATTENTION_VARIANTS, HEADS, ModelParams
 
 IMG, C, B, K = 32, 8, 3, 4  # final map h = w = 32 // 8 = 4
@@ -103,7 +104,7 @@ def test_class_attention_weighs_each_class_by_its_own_softmax_over_positions():
     features = out.attended[0].flatten(1)                        # (C, h*w)
     weight, bias = model.head[-1].weight, model.head[-1].bias    # (K, C), (K,)
     temperature = model.log_temperature.exp()
-    assert temperature.item() == pytest.approx(5.0)              # CLASS_ATTENTION_TEMPERATURE, before training
+    assert temperature.item() == pytest.approx(CLASS_ATTENTION_TEMPERATURE)  # before training
     for k in range(K):
         z = weight[k] @ features                                 # (h*w,)
         torch.testing.assert_close(out.logits[0, k], ((temperature * z).softmax(0) * z).sum() + bias[k],

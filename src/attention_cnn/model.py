@@ -231,8 +231,9 @@ class AttentionCNN(nn.Module):
             )
         if params.head == "class_attention":
             # log of the class softmax's temperature, learned. At 1 the softmax over positions is near uniform at
-            # init and the head sat at chance on cluttered shapes for > 1,000 steps; from 5 it leaves chance
-            # within 50-100 steps of `gmp` (BENCHMARKS.md, "class_attention, learnable temperature").
+            # init and the head sat at chance on cluttered shapes (300 per class) for > 1,000 steps on one seed;
+            # from 5 it left chance 50-100 steps after `gmp` (BENCHMARKS.md, "The class softmax learns its
+            # temperature" and the take-off table before it).
             self.log_temperature = nn.Parameter(torch.tensor(math.log(CLASS_ATTENTION_TEMPERATURE)))
 
     @torch.no_grad()
