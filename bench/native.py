@@ -38,7 +38,8 @@ DESIGNS = {
     "ca-conv": {"head": "class_attention", "attention": "conv"},
     "ca-none": {"head": "class_attention", "attention": "none"},
     "ca-spatial": {"head": "class_attention", "attention": "spatial"},
-    "gmp-conv": {"head": "gmp", "attention": "conv"},  # the seed-era default: no native map, the accuracy reference
+    "gmp-conv": {"head": "gmp", "attention": "conv"},  # the default: its native map is the gated head's exact decomposition
+    "gmp-none": {"head": "gmp", "attention": "none"},
 }
 SHOWN = ("native", "mask", "gradcam", "ig", "smoothgrad", "occlusion", "random")
 SCORES = (("gpg", "grid PG"), ("road", "ROAD"), ("mass", "rel. mass"), ("pg", "PG"))

@@ -161,8 +161,8 @@ def test_the_attention_tables_are_their_data():
             assert generated_part(_text(page), name) == parts[name], \
                 f"{page.name}: {name} is stale: run `python tools/attention_table.py --write`"
     summary = json.loads(_text(attention_table.DATA / "explain.json"))
-    # every method the default model has (native needs model.head=cam or class_attention), in evaluate's order
-    assert list(summary["methods"]) == [m for m in schema.EXPLAIN_METHODS if m != "native"]
+    # every method, the native map included (every head has one), in evaluate's order
+    assert list(summary["methods"]) == list(schema.EXPLAIN_METHODS)
     for entry in summary["methods"].values():
         assert set(entry) == set(SCORES) | {"mprt"}
 

@@ -95,7 +95,7 @@ def test_evaluate_writes_metrics_confusion_and_gallery(workspace, evaluated):
     assert metrics["macro_f1"] == pytest.approx(evaluated.report.macro_f1)
     # The headline only, so `dvc metrics show` fits a terminal: per-class numbers live in per_class.json.
     assert set(metrics) == {"accuracy", "guess", "macro_f1", "loss", "top2_accuracy", "ece", "best_epoch"}
-    methods = ["mask", "attended", "gradcam", "ig", "smoothgrad", "occlusion", "random", "edge"]
+    methods = ["native", "mask", "attended", "gradcam", "ig", "smoothgrad", "occlusion", "random", "edge"]
     for method in methods:
         scores = json.loads((workspace / f"metrics/maps/{method}.json").read_text())
         assert set(scores) == {"del", "ins", "road", "pg", "mass", "gpg", "mprt"}, method
@@ -138,7 +138,7 @@ def test_evaluate_writes_metrics_confusion_and_gallery(workspace, evaluated):
     # Only the declared outputs: no temp folders left next to them.
     assert sorted(p.name for p in (workspace / "metrics").iterdir()) == ["ci", "evaluate", "maps"]
     assert sorted(p.name for p in (workspace / "metrics/evaluate").iterdir()) == ["metrics.json"]
-    # every method's file, native's too (null: this model's head is not cam)
+    # every method's file
     assert sorted(p.name for p in (workspace / "metrics/maps").iterdir()) == sorted(f"{m}.json" for m in EXPLAIN_METHODS)
     assert sorted(p.name for p in (workspace / "output/evaluate").iterdir()) == [
         "confusion.json", "explain.json", "maps", "misclassified.png", "mosaic.png", "per_class.json",
@@ -255,7 +255,9 @@ def test_visualize_writes_one_figure_per_image_and_a_grid_per_class(workspace):
     # Test images are ordered red, green, blue, red, ...: round-robin picks the first of each class, then red.
     assert [p.name for p in result.image_files] == ["01_img_0.png", "02_img_1.png", "03_img_2.png", "04_img_3.png"]
     assert [p.name for p in result.grid_files] == ["grid_red.png", "grid_green.png", "grid_blue.png"]
-    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in result.image_files + result.grid_files)
+    assert result.native_file == out / "native_per_class.png"
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in [*result.image_files, *result.grid_files,
+                                                                            result.native_file])
     with Image.open(result.image_files[0]) as single, Image.open(result.grid_files[0]) as grid:
         assert single.mode in ("RGB", "RGBA") and grid.mode in ("RGB", "RGBA")
         assert single.size[0] > 4 * PANEL_INCHES * DPI  # four panels side by side
@@ -275,8 +277,9 @@ def test_a_model_without_attention_draws_no_mask_panel(workspace, tmp_path):
         # margins stay.
         assert four.size[0] - two.size[0] == pytest.approx((2 * PANEL_INCHES + MASK_BAR_INCHES) * DPI, abs=2)
         assert four.size[1] == two.size[1]
-        assert four.text["Description"] == "panels: input | before the mask | attention mask | after the mask"
-        assert two.text["Description"] == "panels: input | feature map (no attention)"
+        assert four.text["Description"] == ("panels: input | before the mask | attention mask | after the mask | "
+                                            "native map")
+        assert two.text["Description"] == "panels: input | feature map (no attention) | native map"
 
 
 def test_images_to_float_is_the_unit_scale():

@@ -40,8 +40,7 @@ def predicted(model, images):
 def test_every_method_gives_image_sized_maps_in_unit_range(attention, head, images):
     model = tiny_model(attention, head=head)
     methods = build_methods(METHODS, model, seed=3, batch_size=64)
-    expected = [m for m in METHODS if (attention != "none" or m not in ("mask", "attended"))
-                and (head == "cam" or m != "native")]
+    expected = [m for m in METHODS if attention != "none" or m not in ("mask", "attended")]
     assert [m.name for m in methods] == expected
     for method in methods:
         with torch.inference_mode():  # as evaluate calls them

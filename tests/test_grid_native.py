@@ -128,7 +128,8 @@ def cam_model(attention: str = "conv", head: str = "cam", classes: int = 6) -> A
 
 
 @pytest.mark.parametrize("attention, head", [("conv", "cam"), ("spatial", "cam"), ("none", "cam"), ("ltpa", "cam"),
-                                             ("conv", "class_attention"), ("none", "class_attention")])
+                                             ("conv", "class_attention"), ("none", "class_attention"),
+                                             ("conv", "gmp"), ("none", "gmp"), ("conv", "gap")])
 def test_the_native_map_is_the_class_map_of_the_explained_class_which_sums_to_its_logit(attention, head, split):
     model = cam_model(attention, head)
     images = split.images[:5].float() / 255
@@ -137,17 +138,18 @@ def test_the_native_map_is_the_class_map_of_the_explained_class_which_sums_to_it
         out = model(images)
         maps = model.class_maps(out.attended)[torch.arange(5), targets]           # (5, h, w)
     logits = out.logits[torch.arange(5), targets]
-    assert torch.allclose(maps.sum(dim=(1, 2)) + model.head[-1].bias[targets], logits, atol=1e-5)
+    offsets = model.class_offsets(out.attended)[torch.arange(5), targets]
+    assert torch.allclose(maps.sum(dim=(1, 2)) + offsets, logits, atol=1e-5)
     assert torch.equal(NativeMap().raw(model, images, targets), maps.clamp_min(0))
 
 
-def test_native_is_skipped_with_one_line_for_heads_other_than_cam():
-    model = cam_model(head="gmp")
-    assert "model.head=gmp" in skipped_methods(["native", "gradcam"], model)["native"]
-    assert [m.name for m in build_methods(["native", "gradcam"], model, 0, 8)] == ["gradcam"]
-    cam = cam_model()
-    assert skipped_methods(["native"], cam) == {}
-    assert [m.name for m in build_methods(["native", "gradcam"], cam, 0, 8)] == ["native", "gradcam"]
+@pytest.mark.parametrize("head", ["gmp", "gap", "flatten", "cam", "class_attention"])
+def test_every_head_has_a_native_map_and_only_a_model_without_attention_skips_methods(head):
+    model = cam_model(head=head)
+    assert skipped_methods(["native", "mask", "gradcam"], model) == {}
+    assert [m.name for m in build_methods(["native", "gradcam"], model, 0, 8)] == ["native", "gradcam"]
+    plain_model = cam_model(attention="none", head=head)
+    assert set(skipped_methods(["native", "mask", "gradcam"], plain_model)) == {"mask"}
 
 
 class CellOracle(Explainer):
@@ -220,8 +222,12 @@ def test_panels_add_the_native_map_of_the_predicted_runner_up_or_named_class(spl
     assert torch.equal(runner.native_class, panels.probs.topk(2, dim=1).indices[:, 1])
     assert torch.equal(compute_panels(model, images, explain=5).native_class, torch.full((4,), 5))
     assert torch.equal(explained_classes(torch.tensor([[0.1, 0.6, 0.3]]), "runner-up"), torch.tensor([2]))
-    assert compute_panels(cam_model(head="gmp"), images).native is None
-    figure = PanelFigure(1, "jet", 0.5, native_panel=True, classes=split.classes)
+    gmp = cam_model(head="gmp")
+    with torch.no_grad():
+        gmp_out = gmp(images.float() / 255)
+    gmp_panels = compute_panels(gmp, images)
+    assert torch.allclose(gmp_panels.native, native_maps(gmp, gmp_out.attended, gmp_panels.predictions, S), atol=1e-6)
+    figure = PanelFigure(1, "jet", 0.5, classes=split.classes)
     figure.draw_row(0, runner, 0, "")
     assert figure.axes[0][-1].get_title() == f"native map: {split.classes[int(runner.native_class[0])]}"
     assert len(figure.axes[0]) == 5
@@ -241,7 +247,7 @@ def test_class_averages_of_the_native_map_are_the_mean_of_each_class_own_maps(sp
     assert torch.allclose(averages[k], expected, atol=1e-5)
 
 
-def test_predict_draws_the_named_class_and_refuses_an_unknown_one_or_a_model_without_native_map(split, tmp_path):
+def test_predict_draws_the_named_class_of_any_head_and_refuses_an_unknown_one(split, tmp_path):
     from PIL import Image
 
     from attention_cnn.errors import UserError
@@ -258,8 +264,8 @@ def test_predict_draws_the_named_class_and_refuses_an_unknown_one_or_a_model_wit
     with pytest.raises(UserError, match="not one of predicted, runner-up"):
         predict_folder(cam, folder, tmp_path / "out2", explain_class="zebra", progress=False, workers=1)
     gmp = save_model(tmp_path / "gmp.pt", cam_model(head="gmp"), split.classes, resize="stretch")
-    with pytest.raises(UserError, match="no native map"):
-        predict_folder(gmp, folder, tmp_path / "out3", explain_class="runner-up", progress=False, workers=1)
+    done = predict_folder(gmp, folder, tmp_path / "out3", explain_class="runner-up", progress=False, workers=1)
+    assert len(done.predictions) == 2 and len(list((tmp_path / "out3").glob("*.png"))) == 2
 
 
 @pytest.mark.parametrize("attention", ["conv", "spatial"])

@@ -85,16 +85,43 @@ def test_every_variant_works_with_every_head(variant, head):
     assert first_linear.in_features == seen.shape[1] == (C * 16 if head == "flatten" else C)
 
 
+def trained_statistics(model: AttentionCNN) -> AttentionCNN:
+    """The model in eval mode with batch-norm statistics of its own (not the init's 0 and 1), so the features
+    have both signs, as a trained model's do."""
+    model.train()
+    with torch.no_grad():
+        model(torch.rand(16, 3, IMG, IMG))
+    return model.eval()
+
+
 @pytest.mark.parametrize("variant", ATTENTION_VARIANTS)
-@pytest.mark.parametrize("head", ["cam", "class_attention"])
-def test_class_maps_sum_over_positions_plus_bias_to_the_logits(variant, head):
-    model = tiny(variant, head=head).eval()
+@pytest.mark.parametrize("head", HEADS)
+def test_class_maps_sum_over_positions_plus_the_offsets_to_the_logits(variant, head):
+    model = trained_statistics(tiny(variant, head=head))
     out = model(torch.rand(B, 3, IMG, IMG))
     maps = model.class_maps(out.attended)  # (B, K, h, w)
     assert maps.shape == (B, K, *out.attended.shape[-2:])
-    torch.testing.assert_close(maps.sum(dim=(2, 3)) + model.head[-1].bias, out.logits, rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match="model.head=cam"):
-        tiny(variant).class_maps(out.attended)
+    offsets = model.class_offsets(out.attended)
+    torch.testing.assert_close(maps.sum(dim=(2, 3)) + offsets, out.logits, rtol=1e-5, atol=1e-5)
+    if head in ("cam", "class_attention"):  # no hidden layer: the offset is the bias, the same for every image
+        torch.testing.assert_close(offsets, model.head[-1].bias.expand(B, -1))
+
+
+@pytest.mark.parametrize("variant", ["conv", "none"])
+@pytest.mark.parametrize("head", ["gmp", "gap", "flatten"])
+def test_a_hidden_layer_head_s_class_map_is_gradient_times_input_at_the_attended_map(variant, head):
+    """What the gated decomposition claims, checked by autograd: with the ReLU gates fixed by the input the head is
+    linear in the attended map, so each position's share is d logit_k / d attended times attended, summed over
+    the channels (for `gmp` nonzero only where a channel peaks)."""
+    model = trained_statistics(tiny(variant, head=head))
+    attended = model(torch.rand(B, 3, IMG, IMG)).attended.detach().requires_grad_(True)
+    logits = model.head(model.attention.head_input(attended, head))                 # (B, K)
+    maps = model.class_maps(attended).detach()
+    for k in range(K):
+        (gradient,) = torch.autograd.grad(logits[:, k].sum(), attended, retain_graph=True)
+        torch.testing.assert_close(maps[:, k], (gradient * attended).sum(dim=1).detach(), rtol=1e-5, atol=1e-6)
+    if head == "gmp" and variant == "conv":  # only where a channel peaks (no ties in a masked map)
+        assert ((maps[:, 0] != 0).flatten(1).sum(dim=1) <= C).all()
 
 
 def test_class_attention_weighs_each_class_by_its_own_softmax_over_positions():

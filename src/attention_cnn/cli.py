@@ -147,9 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="overlay opacity of the figures (default: %(default)s)")
     predict.add_argument("--workers", type=int, default=0, help="decode processes; 0 = one per core (default)")
     predict.add_argument("--explain-class", default="predicted",
-                         help="the class whose native map (model.head=cam or class_attention) each figure "
-                              "draws: predicted, "
-                              "runner-up, or a class name (default: %(default)s)")
+                         help="the class whose native map each figure draws: predicted, runner-up, or a class "
+                              "name (default: %(default)s)")
     predict.set_defaults(run=_predict)
 
     _add_train(commands)

@@ -37,7 +37,7 @@ from attention_cnn.explain.metrics.grid import (Mosaics, build_mosaics, confiden
                                                 layout_for)
 from attention_cnn.explain.metrics.road import FRACTIONS
 from attention_cnn.explain.report import metric_files, road_records, sanity_records, summarize, verdict
-from attention_cnn.explain.scoring import MASK_METHODS, Scored, build_methods, score_methods, skipped_methods
+from attention_cnn.explain.scoring import MASK_METHODS, Scored, build_methods, score_methods
 from attention_cnn.explain.statistics import MIN_IMAGES
 from attention_cnn.figures import draw_gallery, numbered_name, prediction_label
 from attention_cnn.inference import (check_model_matches, images_to_float, load_for_inference, model_device,
@@ -198,8 +198,6 @@ def evaluate(params: Params, prepared_dir: Path | str, model_path: Path | str, m
     subset = spread_over_classes(test.labels, cfg.faithfulness_images)   # balanced and deterministic
     masks = test.masks[subset] if test.masks is not None else None
     notes = not_scored_lines(cfg.methods, model.learns_mask, len(subset), masks is not None)
-    native_skipped = skipped_methods(cfg.methods, model).get("native")
-    notes = [f"evaluate: {native_skipped}"] * bool(native_skipped) + notes
     mosaics, grid_skipped = grid_mosaics(model, test.images, test.labels, logits, len(test.classes), params)
     notes += [f"evaluate: {grid_skipped}"] if grid_skipped else []
     for line in notes:

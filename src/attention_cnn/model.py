@@ -31,7 +31,8 @@ from attention_cnn.errors import UserError
 from attention_cnn.memory import check_model_fits, feature_size
 from attention_cnn.params import RESIZE_POLICIES, ModelParams, ParamsError, parse_params
 
-# Heads whose logit is a sum of per-position class shares, the model's own class map (`class_maps`).
+# Heads that are linear over positions (no hidden layer): a class's map is a weighted sum of its per-position
+# scores (`class_maps`); the other heads' maps come from their gated hidden layer.
 CLASS_MAP_HEADS = ("cam", "class_attention")
 CLASS_ATTENTION_TEMPERATURE = 5.0  # the class softmax's temperature at init (model.head=class_attention)
 
@@ -247,32 +248,57 @@ class AttentionCNN(nn.Module):
         """False for `none`, whose mask is constant: there is nothing to draw or to score as a saliency map."""
         return self.params.attention != "none"
 
-    @property
-    def has_class_maps(self) -> bool:
-        """True for the heads whose logits are a sum over positions of per-class maps (the `native` explanation)."""
-        return self.params.head in CLASS_MAP_HEADS
-
     def class_maps(self, attended: torch.Tensor) -> torch.Tensor:
         """Every class's share of its logit at each position, (B, C, h, w) -> (B, K, h, w); summed over the
-        positions, plus the class's bias, they are the logits exactly.
+        positions, plus `class_offsets`, they are the logits exactly (in eval mode: dropout off).
 
         `cam` (Zhou et al. 2016): logits = W pool(attended) + b with pooling linear (an average; for `ltpa` the
         sum its mask weights), so position s's share of logit k is W_k . attended[:, :, s] times the pooling weight.
         `class_attention`: class k pools its own scores z_ks = W_k . attended[:, :, s] with its own attention over
         positions, a_k = softmax_s(T z_k) with T a learned temperature, so logit k = sum_s a_ks z_ks + b_k and
-        a_ks z_ks is position s's share.
-        One mask per class (as Attention Branch Networks' class-wise maps, Fukui et al. 2019): where two classes
-        are in view, each class's logit, and its map, come from the positions that look like it."""
-        if not self.has_class_maps:
-            raise ValueError(f"class_maps needs model.head=cam or class_attention, this model has "
-                             f"head={self.params.head}")
-        scores = torch.einsum("bchw,kc->bkhw", attended, self.head[-1].weight)   # (B, K, h, w)
-        if self.params.head == "class_attention":
-            sharpened = scores * self.log_temperature.exp()
-            weights = sharpened.flatten(2).softmax(dim=2).view_as(scores)         # (B, K, h, w), sums to 1
-            return weights * scores
-        h, w = attended.shape[-2:]
-        return scores * (1.0 if isinstance(self.attention, LTPAttention) else 1.0 / (h * w))
+        a_ks z_ks is position s's share. One mask per class (as Attention Branch Networks' class-wise maps, Fukui
+        et al. 2019): where two classes are in view, each class's logit, and its map, come from the positions
+        that look like it.
+        `gmp`, `gap`, `flatten` (pool or flatten -> Linear U -> ReLU -> Linear V): the ReLU is a gate, open or
+        shut for this input, so the head is linear in what it sees, logits = G(x) . pooled + offset with
+        G(x) = V diag(open) U (as B-cos reads W(x) x off a dynamic-linear network, Boehle et al. 2022). `gmp`'s
+        pooled value of channel c is attended where channel c peaks: that position gets G_kc times it. `gap` shares each channel over every position, `flatten` has a coefficient per position.
+        """
+        head = self.params.head
+        B, C, h, w = attended.shape
+        if head in CLASS_MAP_HEADS:
+            scores = torch.einsum("bchw,kc->bkhw", attended, self.head[-1].weight)   # (B, K, h, w)
+            if head == "class_attention":
+                sharpened = scores * self.log_temperature.exp()
+                weights = sharpened.flatten(2).softmax(dim=2).view_as(scores)      # (B, K, h, w), sums to 1
+                return weights * scores
+            return scores * (1.0 if isinstance(self.attention, LTPAttention) else 1.0 / (h * w))
+        pooled = self.attention.head_input(attended, head)                          # (B, D)
+        coef = self._gated_coefficients(pooled)                                     # (B, K, D)
+        if head == "flatten":
+            return (coef.view(B, -1, C, h, w) * attended[:, None]).sum(dim=2)
+        if head == "gmp":  # a channel's share goes where it peaks, split evenly where positions tie (as amax's gradient)
+            peaks = (attended == pooled[:, :, None, None]).to(attended.dtype)      # (B, C, h, w)
+            where = peaks / peaks.sum(dim=(2, 3), keepdim=True)
+            return torch.einsum("bkc,bchw->bkhw", coef * pooled[:, None, :], where)
+        weight = 1.0 if isinstance(self.attention, LTPAttention) else 1.0 / (h * w)  # gap: sum or average
+        return torch.einsum("bkc,bchw->bkhw", coef, attended) * weight
+
+    def class_offsets(self, attended: torch.Tensor) -> torch.Tensor:
+        """What the logits add to the maps' sums (B, K): the last layer's bias, and for the hidden-layer heads the
+        first layer's bias through the open gates (it depends on the input, as the gates do)."""
+        bias = self.head[-1].bias.expand(attended.shape[0], -1)
+        if self.params.head in CLASS_MAP_HEADS:
+            return bias
+        first, last = self.head[0], self.head[-1]
+        hidden = first(self.attention.head_input(attended, self.params.head))    # (B, H)
+        return bias + (hidden > 0).to(hidden.dtype) * first.bias @ last.weight.T
+
+    def _gated_coefficients(self, pooled: torch.Tensor) -> torch.Tensor:
+        """G(x) = V diag(open gates) U (B, K, D) of a hidden-layer head, for the input `pooled` (B, D)."""
+        first, last = self.head[0], self.head[-1]
+        open_gates = (first(pooled) > 0).to(pooled.dtype)                          # (B, H)
+        return torch.einsum("kh,bh,hd->bkd", last.weight, open_gates, first.weight)
 
     def forward(self, x: torch.Tensor) -> AttentionOutput:
         x = (x - self.mean) / self.std                     # (B, 3, S, S)

@@ -11,10 +11,9 @@ Each map is upsampled bilinearly to the image and overlaid on it. Two colour bar
 The raw range of the mask is written under its panel either way. A model without attention
 (model.attention=none) has no mask: before and after are the same map, so its figures show the input and that
 feature map, titled as having no attention. Each PNG's Description holds its panel titles.
-A model with class maps (model.head=cam or class_attention) gets one more panel, the native map: its own
-evidence for one class
-(AttentionCNN.class_maps, positive part, min-max scaled per image), the predicted class unless another is asked
-for; the panel's title names the class. The mask says where the model looks, the same for every class; the
+Every model gets one more panel, the native map: its own evidence for one class (AttentionCNN.class_maps,
+positive part, min-max scaled per image), the predicted class unless another is asked for; the panel's title
+names the class. The mask says where the model looks, the same for every class; the
 native map says what there counts for the named class.
 
 Used by the visualize stage and by predict. Each figure layout is built once and reused: creating figures and
@@ -45,12 +44,12 @@ MASK_PANEL = 2  # index of the mask in PANEL_TITLES
 NATIVE_PANEL = 4
 PANEL_INCHES = 1.7
 MASK_BAR_INCHES = 0.75  # the mask's colour bar and its label, right of the feature maps' bar
-FEATURE_BAR_LABEL = "max over channels of the final feature map\nbefore and after: one scale per image"
 NO_MASK_PANEL = 1   # for a model without a mask: "before", drawn once under NO_MASK_TITLE
 NO_MASK_TITLE = "feature map (no attention)"
-NO_MASK_BAR_LABEL = "max over channels of the final feature map\n(model.attention none: no mask)"
-NATIVE_BAR_LABEL = ("before and after: max over channels, one scale\nper image; native map: the class's evidence,"
-                    "\nmin-max scaled per image")
+FEATURE_BAR_LABEL = ("before and after: max over channels, one scale\nper image; native map: the class's evidence,"
+                     "\nmin-max scaled per image")
+NO_MASK_BAR_LABEL = ("feature map: max over channels (model.attention\nnone: no mask); native map: the class's "
+                     "evidence;\neach min-max scaled per image")
 MASK_BAR_LABEL = {False: "attention mask, raw value\n(mean over channels)",
                   True: "attention mask, STRETCHED to\neach image's range (under it)"}
 BAR_FONT = 5.5
@@ -69,8 +68,8 @@ class Panels:
     probs: torch.Tensor        # (B, K) softmax
     predictions: torch.Tensor  # (B,) int64
     confidence: torch.Tensor   # (B,) probability of the prediction
-    native: torch.Tensor | None = None          # (B, S, S) in [0, 1]: the native map, for heads with class maps
-    native_class: torch.Tensor | None = None    # (B,) int64: the class each native map explains
+    native: torch.Tensor         # (B, S, S) in [0, 1]: the native map of native_class
+    native_class: torch.Tensor   # (B,) int64: the class each native map explains
 
 
 EXPLAIN_CHOICES = ("predicted", "runner-up")  # or a class index
@@ -95,12 +94,10 @@ def native_maps(model: AttentionCNN, attended: torch.Tensor, classes: torch.Tens
 
 def compute_panels(model: AttentionCNN, images: torch.Tensor, batch_size: int = 256,
                    explain: str | int = "predicted") -> Panels:
-    """Run the model on uint8 images (B, 3, S, S) and build the before/mask/after maps, batch by batch, and for
-    heads with class maps (cam, class_attention) the native map of the class `explain` names (EXPLAIN_CHOICES or
-    a class index)."""
+    """Run the model on uint8 images (B, 3, S, S) and build the before/mask/after maps, batch by batch, and the
+    native map of the class `explain` names (EXPLAIN_CHOICES or a class index)."""
     size = images.shape[-1]
     stretched = model.params.attention in STRETCHED_VARIANTS
-    native = model.has_class_maps
     before, mask, mask_range, after, probs, natives, native_class = [], [], [], [], [], [], []
     for _, out in forward_batches(model, images, batch_size):
         b = upsample(out.features.float().amax(dim=1), size)                        # (b, S, S)
@@ -112,15 +109,14 @@ def compute_panels(model: AttentionCNN, images: torch.Tensor, batch_size: int = 
         mask.append((scale_unit(m) if stretched else m).cpu())
         mask_range.append(torch.stack([m.flatten(1).amin(1), m.flatten(1).amax(1)], dim=1).cpu())
         probs.append(out.logits.float().softmax(dim=1).cpu())
-        if native:
-            native_class.append(explained_classes(probs[-1], explain))
-            natives.append(native_maps(model, out.attended, native_class[-1], size).cpu())
+        native_class.append(explained_classes(probs[-1], explain))
+        natives.append(native_maps(model, out.attended, native_class[-1], size).cpu())
     probs_all = torch.cat(probs)
     confidence, predictions = probs_all.max(dim=1)
     return Panels(images=images, before=torch.cat(before), mask=torch.cat(mask), mask_range=torch.cat(mask_range),
                   mask_stretched=stretched, after=torch.cat(after), probs=probs_all, predictions=predictions,
-                  confidence=confidence, native=torch.cat(natives) if native else None,
-                  native_class=torch.cat(native_class) if native else None)
+                  confidence=confidence, native=torch.cat(natives),
+                  native_class=torch.cat(native_class))
 
 
 def class_average_native(model: AttentionCNN, images: torch.Tensor, labels: torch.Tensor, num_classes: int,
@@ -173,16 +169,13 @@ class PanelFigure:
     """A reusable figure of `rows` x panels with its colour bars (the feature maps', the mask's); draw rows, save,
     draw again.
     `mask_panel=False`: a model without attention, whose mask is constant and whose "after" is its "before":
-    the input and the feature map only. `native_panel=True` adds the native map (model.head=cam or
-    class_attention), titled with
-    the class it explains."""
+    the input and the feature map only. The last panel is the native map, titled with the class it explains."""
 
     def __init__(self, rows: int, colormap: str, alpha: float, dpi: int = DPI, mask_panel: bool = True,
-                 native_panel: bool = False, classes: list[str] | None = None):
+                 classes: list[str] | None = None):
         self.cmap = check_colormap(colormap)
         self.alpha, self.dpi, self.rows, self.classes = alpha, dpi, rows, classes
-        self.shown = ([p for p in range(len(PANEL_TITLES)) if p != NATIVE_PANEL] if mask_panel else [0, NO_MASK_PANEL])
-        self.shown += [NATIVE_PANEL] if native_panel else []
+        self.shown = list(range(len(PANEL_TITLES))) if mask_panel else [0, NO_MASK_PANEL, NATIVE_PANEL]
         self.titles = [NO_MASK_TITLE if not mask_panel and p == NO_MASK_PANEL else PANEL_TITLES[p] for p in self.shown]
         columns = len(self.shown)
         # Sizes in inches: a label margin on the left, the panels, the colour bar and its label on the right.
@@ -206,8 +199,7 @@ class PanelFigure:
             # The row's own title (true/pred/confidence) sits on the left, under the column titles.
             self.row_titles.append(row_axes[0].set_ylabel("", fontsize=6, labelpad=2))
         self.bars = [self._colour_bar(self.figure.add_subplot(grid[:, columns]),
-                                      NATIVE_BAR_LABEL if native_panel
-                                      else FEATURE_BAR_LABEL if mask_panel else NO_MASK_BAR_LABEL)]
+                                      FEATURE_BAR_LABEL if mask_panel else NO_MASK_BAR_LABEL)]
         if mask_panel:  # the mask's own bar, beside the first: its scale is not the feature maps'
             box = self.bars[0].ax.get_position()
             self.bars.append(self._colour_bar(self.figure.add_axes(
@@ -229,17 +221,16 @@ class PanelFigure:
         rgb = image_array(panels.images[index])
         pictures = (rgb, self.overlay(rgb, panels.before[index]), self.overlay(rgb, panels.mask[index]),
                     self.overlay(rgb, panels.after[index]),
-                    self.overlay(rgb, panels.native[index]) if panels.native is not None else rgb)
+                    self.overlay(rgb, panels.native[index]))
         for ax, artist, panel in zip(self.axes[row], self.artists[row], self.shown):
             picture = pictures[panel]
             artist.set_data(np.clip(picture, 0, 1))
             artist.set_extent((-0.5, picture.shape[1] - 0.5, picture.shape[0] - 0.5, -0.5))
             ax.set_visible(True)
         self.row_titles[row].set_text(label)
-        if NATIVE_PANEL in self.shown and panels.native_class is not None:
-            k = int(panels.native_class[index])
-            name = self.classes[k] if self.classes is not None else str(k)
-            self.axes[row][self.shown.index(NATIVE_PANEL)].set_title(f"native map: {name}", fontsize=7)
+        k = int(panels.native_class[index])
+        name = self.classes[k] if self.classes is not None else str(k)
+        self.axes[row][-1].set_title(f"native map: {name}", fontsize=7)
         if MASK_PANEL in self.shown:
             low, high = panels.mask_range[index].tolist()
             digits = 2 if high >= 0.01 else 4  # an ltpa mask's values are near 1/positions

@@ -25,7 +25,7 @@ HEADS = ("gmp", "gap", "flatten", "cam", "class_attention")
 FLIPS = ("horizontal", "both", "none")
 DEVICES = ("auto", "cpu", "cuda")
 # The explanation methods evaluate.methods may name (explain/scoring.py builds them, in this order).
-# native: the model's own class map, for model.head=cam or class_attention only (explain/methods.py).
+# native: the model's own class map, exact for every model.head (model.py class_maps, explain/methods.py).
 EXPLAIN_METHODS = ("native", "mask", "attended", "gradcam", "ig", "smoothgrad", "occlusion", "random", "edge")
 
 

@@ -12,8 +12,7 @@ Writes into the --out folder:
                      folders that could not be listed ("sub/")
     <file>.png       the input | before | mask | after figure of each image (panels.py; input | feature map for a
                      model without attention), unless figures=False; named by figure_names, unique and short
-                     whatever the names and depth of the files; for model.head=cam or class_attention one
-                     more panel, the native
+                     whatever the names and depth of the files; one more panel, the native
                      map of the predicted class, or of the class --explain-class names (runner-up: the second
                      most probable)
 Names that are not valid UTF-8 are written with escapes ("\\xff", discover.display_name).
@@ -225,14 +224,10 @@ def predict_folder(model_path: Path | str, images_dir: Path | str, out_dir: Path
         top_k = min(DEFAULT_TOP_K, len(trained.classes))
     elif not 1 <= top_k <= len(trained.classes):
         raise UserError(f"--top-k must be between 1 and the model's {len(trained.classes)} classes, got {top_k}.")
-    native = trained.model.has_class_maps
-    if explain_class != "predicted" and not native:
-        raise UserError(f"--explain-class {explain_class}: this model has no native map (it is drawn for "
-                        f"model.head=cam or class_attention; this model has model.head={trained.model.params.head}).")
     explain = explain_target(trained, explain_class)
     inputs = _read_images(images_dir, out_dir, trained, workers, progress)
     with atomic_dir(out_dir, PREDICT_FILES) as tmp:
-        figure = PanelFigure(1, colormap, alpha, mask_panel=trained.model.learns_mask, native_panel=native,
+        figure = PanelFigure(1, colormap, alpha, mask_panel=trained.model.learns_mask,
                              classes=trained.classes) if figures else None
         predictions = _classify(trained, inputs, tmp, top_k, batch_size, figure, progress, explain)
         _write_csv(tmp / "skipped.csv", ["file", "reason"], [[s.file, s.reason] for s in inputs.skipped])

@@ -1,7 +1,6 @@
 """The visualize stage: before/after attention figures of test images (round-robin over the classes) and one
-grid per class, in output/visualize/. The panels themselves are drawn by panels.py. For model.head=cam or
-class_attention each figure adds the native map of the predicted class, and native_per_class.png draws each
-class's native map averaged over its test images.
+grid per class, in output/visualize/. The panels themselves are drawn by panels.py. Each figure adds the native
+map of the predicted class, and native_per_class.png draws each class's native map averaged over its test images.
 """
 
 from __future__ import annotations
@@ -27,7 +26,7 @@ NATIVE_AVERAGES = "native_per_class.png"
 class VisualizeResult:
     image_files: list[Path]  # one figure per image, under the final out_dir
     grid_files: list[Path]   # one grid per class
-    native_file: Path | None = None  # the class averages of the native map, for heads with class maps
+    native_file: Path        # the class averages of the native map
 
 
 def visualize(params: Params, prepared_dir: Path | str, model_path: Path | str, out_dir: Path | str,
@@ -52,10 +51,9 @@ def visualize(params: Params, prepared_dir: Path | str, model_path: Path | str, 
                                 int(test.labels[index]))
 
     image_names, grid_names = [], []
-    native = trained.model.has_class_maps
     with atomic_dir(out_dir, FIGURE_FILES) as tmp:
         mask_panel = trained.model.learns_mask
-        figure_kw = {"mask_panel": mask_panel, "native_panel": native, "classes": test.classes}
+        figure_kw = {"mask_panel": mask_panel, "classes": test.classes}
         single = PanelFigure(1, vis.colormap, vis.alpha, **figure_kw)
         for n, index in enumerate(chosen, start=1):
             name = numbered_name(n, test.files[index])
@@ -72,10 +70,9 @@ def visualize(params: Params, prepared_dir: Path | str, model_path: Path | str, 
             name = f"grid_{unique_stem(test.classes[k])}.png"  # unique, as class names are
             grid.save(tmp / name, title=f"class {test.classes[k]}: {len(indices)} test images")
             grid_names.append(name)
-        if native:
-            averages = class_average_native(trained.model, test.images, test.labels, len(test.classes), batch_size)
-            counts = {k: int((test.labels == k).sum()) for k in averages}
-            draw_class_averages(tmp / NATIVE_AVERAGES, averages, test.classes, vis.colormap, counts)
+        averages = class_average_native(trained.model, test.images, test.labels, len(test.classes), batch_size)
+        counts = {k: int((test.labels == k).sum()) for k in averages}
+        draw_class_averages(tmp / NATIVE_AVERAGES, averages, test.classes, vis.colormap, counts)
     return VisualizeResult(image_files=[out_dir / n for n in image_names],
                            grid_files=[out_dir / n for n in grid_names],
-                           native_file=out_dir / NATIVE_AVERAGES if native else None)
+                           native_file=out_dir / NATIVE_AVERAGES)

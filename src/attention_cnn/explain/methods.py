@@ -5,10 +5,13 @@
 - AttendedMap: what the head actually receives, features x mask, as the max over channels (the "after" panel
   of the visualize stage). Where the mask is the same for every channel (spatial, ltpa) it ranks positions like
   the mask weighted by feature strength; for conv and dense masks it differs in meaning, so both are scored.
-- NativeMap: for model.head=cam or class_attention, the model's own map of the explained class, read off the
-  forward pass: `AttentionCNN.class_maps`, whose sum over positions plus the class bias is the logit exactly
-  (Zhou et al. 2016's CAM through the mask; for class_attention, weighted by the class's own attention). Its
-  positive part, as Grad-CAM's: the positions that raise the logit.
+- NativeMap: the model's own map of the explained class, read off the forward pass: `AttentionCNN.class_maps`,
+  whose sum over positions plus `class_offsets` is the logit exactly (Zhou et al. 2016's CAM through the mask
+  for `cam`; weighted by the class's own attention for `class_attention`; for the hidden-layer heads, the
+  coefficients of the head with its ReLU gates as this input set them, at the positions the head reads, which
+  for `gmp` are where each channel peaks). Its positive part, as Grad-CAM's: the positions that raise the logit.
+  For the hidden-layer heads it equals gradient x input at the attended map (the gated head is linear there),
+  an attribution none of the post-hoc methods here computes: Grad-CAM averages the trunk's gradients.
 - GradCAM (Selvaraju et al. 2017): Captum's LayerGradCam on the output of `model.trunk`, the layer the mask
   multiplies, ReLU'd; upsampled bilinearly and min-max scaled per image by the base class. It explains the trunk,
   before the mask, on purpose: at the mask's output, on a cam head, Grad-CAM's weights are the head's class

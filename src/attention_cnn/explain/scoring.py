@@ -40,10 +40,6 @@ SCORES = ("del", "ins", "morf", "lerf", "road", "pg", "mass", "gpg")
 def skipped_methods(names: list[str] | tuple[str, ...], model: AttentionCNN) -> dict[str, str]:
     """{method: one line saying why it is not run} for the named methods this model cannot have."""
     skipped = {}
-    if "native" in names and not model.has_class_maps:
-        skipped["native"] = (f"native map skipped: it is the class map of model.head=cam or class_attention, "
-                             f"and this model has model.head={model.params.head} (`dvc exp run -S "
-                             f"model.head=class_attention` trains one that has it)")
     if not model.learns_mask:
         skipped.update({name: f"{name} map skipped: model.attention=none learns no mask"
                         for name in MASK_METHODS if name in names})
