@@ -2,7 +2,7 @@
 gallery of images with titles (evaluate's most confident mistakes).
 
 matplotlib is used through its object API with the Agg canvas (no pyplot, no global backend).
-The attention panels (input | before | mask | after, with a colour bar) are in panels.py.
+The attention panels (input | before | mask | after | native, with colour bars) are in panels.py.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """The seed's feature, done well: where the network looks, before and after its attention mask.
 
-For each drawn image, four panels side by side:
+For each drawn image, five panels side by side:
     input | before: features.amax(1), the seed's merged filter | the mask: mask.mean(1) | after: attended.amax(1)
+    | native: the model's own map of one class (below)
 Each map is upsampled bilinearly to the image and overlaid on it. Two colour bars say what the colours mean:
 - before and after are the max over channels of the final feature map, min-max scaled JOINTLY per image (one
   scale for the pair), so what the mask removed shows as a darker "after";

@@ -10,9 +10,9 @@ Writes into the --out folder:
                      (one column per value: any class name, even "a:0.9;b", reads back exactly)
     skipped.csv      file, reason: image files that could not be decoded, files that are not images, and
                      folders that could not be listed ("sub/")
-    <file>.png       the input | before | mask | after figure of each image (panels.py; input | feature map for a
-                     model without attention), unless figures=False; named by figure_names, unique and short
-                     whatever the names and depth of the files; one more panel, the native
+    <file>.png       the input | before | mask | after | native figure of each image (panels.py; input | feature
+                     map | native for a model without attention), unless figures=False; named by figure_names,
+                     unique and short whatever the names and depth of the files; the native panel draws the
                      map of the predicted class, or of the class --explain-class names (runner-up: the second
                      most probable)
 Names that are not valid UTF-8 are written with escapes ("\\xff", discover.display_name).
