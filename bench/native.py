@@ -38,7 +38,7 @@ DESIGNS = {
     "ca-conv": {"head": "class_attention", "attention": "conv"},
     "ca-none": {"head": "class_attention", "attention": "none"},
     "ca-spatial": {"head": "class_attention", "attention": "spatial"},
-    "gmp-conv": {"head": "gmp", "attention": "conv"},  # the default: its native map is the gated head's exact decomposition
+    "gmp-conv": {"head": "gmp", "attention": "conv"},  # the default: native is its gated head's exact decomposition
     "gmp-none": {"head": "gmp", "attention": "none"},
 }
 SHOWN = ("native", "mask", "gradcam", "ig", "smoothgrad", "occlusion", "random")

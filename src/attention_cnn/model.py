@@ -262,7 +262,9 @@ class AttentionCNN(nn.Module):
         `gmp`, `gap`, `flatten` (pool or flatten -> Linear U -> ReLU -> Linear V): the ReLU is a gate, open or
         shut for this input, so the head is linear in what it sees, logits = G(x) . pooled + offset with
         G(x) = V diag(open) U (as B-cos reads W(x) x off a dynamic-linear network, Boehle et al. 2022). `gmp`'s
-        pooled value of channel c is attended where channel c peaks: that position gets G_kc times it. `gap` shares each channel over every position, `flatten` has a coefficient per position.
+        pooled value of channel c is attended where channel c peaks: that position gets G_kc times it (split
+        evenly where positions tie, as amax's gradient). `gap` shares each channel over every position, `flatten`
+        has a coefficient per position.
         """
         head = self.params.head
         B, C, h, w = attended.shape
@@ -277,7 +279,7 @@ class AttentionCNN(nn.Module):
         coef = self._gated_coefficients(pooled)                                     # (B, K, D)
         if head == "flatten":
             return (coef.view(B, -1, C, h, w) * attended[:, None]).sum(dim=2)
-        if head == "gmp":  # a channel's share goes where it peaks, split evenly where positions tie (as amax's gradient)
+        if head == "gmp":
             peaks = (attended == pooled[:, :, None, None]).to(attended.dtype)      # (B, C, h, w)
             where = peaks / peaks.sum(dim=(2, 3), keepdim=True)
             return torch.einsum("bkc,bchw->bkhw", coef * pooled[:, None, :], where)
@@ -290,15 +292,16 @@ class AttentionCNN(nn.Module):
         bias = self.head[-1].bias.expand(attended.shape[0], -1)
         if self.params.head in CLASS_MAP_HEADS:
             return bias
-        first, last = self.head[0], self.head[-1]
-        hidden = first(self.attention.head_input(attended, self.params.head))    # (B, H)
-        return bias + (hidden > 0).to(hidden.dtype) * first.bias @ last.weight.T
+        open_gates = self._open_gates(self.attention.head_input(attended, self.params.head))   # (B, H)
+        return bias + open_gates * self.head[0].bias @ self.head[-1].weight.T
 
     def _gated_coefficients(self, pooled: torch.Tensor) -> torch.Tensor:
         """G(x) = V diag(open gates) U (B, K, D) of a hidden-layer head, for the input `pooled` (B, D)."""
-        first, last = self.head[0], self.head[-1]
-        open_gates = (first(pooled) > 0).to(pooled.dtype)                          # (B, H)
-        return torch.einsum("kh,bh,hd->bkd", last.weight, open_gates, first.weight)
+        return torch.einsum("kh,bh,hd->bkd", self.head[-1].weight, self._open_gates(pooled), self.head[0].weight)
+
+    def _open_gates(self, pooled: torch.Tensor) -> torch.Tensor:
+        """1 where the hidden layer's ReLU passes its input for this `pooled` (B, D), else 0: (B, H)."""
+        return (self.head[0](pooled) > 0).to(pooled.dtype)
 
     def forward(self, x: torch.Tensor) -> AttentionOutput:
         x = (x - self.mean) / self.std                     # (B, 3, S, S)
