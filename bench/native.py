@@ -7,6 +7,8 @@ evaluate functions at params.yaml's defaults (plus the design's model keys), on 
     OMP_NUM_THREADS=1 nice .venv/bin/python bench/native.py run --design cam-conv --folder shapes --per-class 300
     # the design x score table, mean [95 % bootstrap interval], and native's paired p-values:
     .venv/bin/python bench/native.py table --work /tmp/native-bench
+    # two finished designs' native maps on the same mosaics (does the attention earn its place?):
+    .venv/bin/python bench/native.py paired --runs gmp-conv gmp-none --work /tmp/native-bench
 
 Designs: the model keys each sets (DESIGNS). Training never sees a score: it is the project's training run with
 its own loss. Every evaluate score comes from output/evaluate/explain.json of that run.
@@ -78,6 +80,9 @@ def run(args) -> None:
     raw["model"] = {**raw["model"], **DESIGNS[args.design]}
     for item in args.set or []:
         key, value = item.split("=", 1)
+        if "." not in key:  # a top-level key: seed, img_size
+            raw[key] = yaml.safe_load(value)
+            continue
         section, name = key.split(".")
         raw[section] = {**raw[section], name: yaml.safe_load(value)}
     params = parse_params({**raw, "data": {**raw["data"], "source": str(prepared.parent / "source")}})
@@ -86,6 +91,9 @@ def run(args) -> None:
     train(params, prepared_dir=prepared, model_path=out / "model.pt", checkpoint_dir=out / "checkpoints",
           metrics_dir=out / "metrics/train", progress=False)
     trained = time.perf_counter() - start
+    if args.train_only:
+        print(json.dumps({"design": args.design, "tag": args.tag, "train_s": trained}))
+        return
     result = evaluate(params, prepared, out / "model.pt", out / "metrics/evaluate", out / "output/evaluate")
     row = {"design": args.design, "tag": args.tag, "folder": folder_name(args), "model": raw["model"],
            "accuracy": result.report.accuracy, "train_s": trained,
@@ -136,6 +144,51 @@ def regrid(args) -> None:
     row["regrid"] = "grid pointing game re-scored on the positive part of the raw maps"
     (out / "row.json").write_text(json.dumps(row, indent=1) + "\n")
     print(json.dumps({m: round(row["explained"]["methods"][m]["gpg"]["mean"], 3) for m in results}))
+
+
+def paired(args) -> None:
+    """Finished runs' native maps on the same mosaics, paired: `--runs A B` (run folders: design[-tag]), or
+    `--runs A1 B1 A2 B2 ...` for A against B at several training seeds. Each run's own evaluate draws its mosaics
+    from the test images its model classifies confidently, so two designs' grid scores come from different
+    mosaics and only their intervals can be compared. Here the mosaics are drawn (with evaluate's rules, seed and
+    count) from the test images every listed model classifies confidently, and each mosaic's score difference is
+    bootstrapped, as evaluate pairs native with a post-hoc method."""
+    from attention_cnn.data.prepared import load_split
+    from attention_cnn.explain.metrics.grid import build_mosaics, confident, grid_scores
+    from attention_cnn.explain.methods import NativeMap
+    from attention_cnn.explain.scoring import channels_last, positive_maps
+    from attention_cnn.explain.statistics import bootstrap_ci, paired_p_value
+    from attention_cnn.inference import load_for_inference, predict_logits
+
+    if len(args.runs) % 2:
+        raise SystemExit("--runs takes pairs: A B, or A1 B1 A2 B2 ...")
+    torch.set_num_threads(1)
+    params = parse_params(base_params())
+    folder = Path(args.work) / folder_name(args)
+    test = load_split(folder / "prepared", "test")
+    models = [load_for_inference(folder / run / "model.pt").model for run in args.runs]
+    eligible = torch.ones(len(test), dtype=torch.bool)
+    for model in models:
+        logits = predict_logits(model, test.images, params.evaluate.batch_size)
+        eligible &= confident(logits.softmax(dim=1), test.labels, params.evaluate.grid_confidence)
+    count = args.mosaics or params.evaluate.mosaics
+    mosaics = build_mosaics(test.images, test.labels, eligible, len(test.classes), count, params.seed)
+    if mosaics is None:
+        raise SystemExit("too few test images that every model classifies confidently")
+    print(f"{count} mosaics of the {int(eligible.sum())} of {len(test)} test images every model classifies with "
+          f"p >= {params.evaluate.grid_confidence}")
+    x = mosaics.images.float() / 255
+    scores = {}
+    for run, model in zip(args.runs, models):
+        fast, fast_x = channels_last(model, x)
+        scores[run] = grid_scores(positive_maps(NativeMap(), fast, fast_x, mosaics.targets,
+                                                params.evaluate.batch_size), mosaics)
+        interval = bootstrap_ci(scores[run], seed=params.seed)
+        print(f"- {run}: native grid PG {interval.mean:.3f} [{interval.low:.3f}, {interval.high:.3f}]")
+    for a, b in zip(args.runs[0::2], args.runs[1::2]):
+        difference = bootstrap_ci(scores[a] - scores[b], seed=params.seed)
+        print(f"- {a} − {b}: {difference.mean:+.3f} [{difference.low:+.3f}, {difference.high:+.3f}], "
+              f"paired p {p_text(paired_p_value(scores[a], scores[b], seed=params.seed))}")
 
 
 def cell(entry: dict, key: str) -> str:
@@ -191,6 +244,7 @@ def main() -> None:
     one.add_argument("--work", default="/tmp/native-bench")
     one.add_argument("--set", action="append", help="section.key=value over params.yaml, e.g. train.steps=800")
     one.add_argument("--tag", default="", help="a suffix for the run's folder, for --set variants")
+    one.add_argument("--train-only", action="store_true", help="no evaluate (for `paired`, which needs the model)")
     again = sub.add_parser("regrid", help="re-score a finished run's grid pointing game only")
     again.add_argument("--design", choices=list(DESIGNS), required=True)
     again.add_argument("--folder", choices=["sample", "shapes", "textures"], default="sample")
@@ -199,8 +253,14 @@ def main() -> None:
     again.add_argument("--tag", default="")
     every = sub.add_parser("table")
     every.add_argument("--work", default="/tmp/native-bench")
+    pair = sub.add_parser("paired", help="two finished designs' native maps on the same mosaics")
+    pair.add_argument("--runs", nargs="+", required=True, help="run folders in pairs, e.g. gmp-conv gmp-none")
+    pair.add_argument("--folder", choices=["sample", "shapes", "textures"], default="sample")
+    pair.add_argument("--per-class", type=int, default=300)
+    pair.add_argument("--mosaics", type=int, default=0, help="how many (default: evaluate.mosaics)")
+    pair.add_argument("--work", default="/tmp/native-bench")
     args = parser.parse_args()
-    {"run": run, "regrid": regrid, "table": table}[args.command](args)
+    {"run": run, "regrid": regrid, "table": table, "paired": paired}[args.command](args)
 
 
 if __name__ == "__main__":

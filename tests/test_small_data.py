@@ -186,15 +186,41 @@ def test_patience_counts_only_in_the_decay_phase_unless_val_is_perfect():
     for n in range(1, 21):
         plateau.update(epoch(n, 0.6 + 0.01 * (n == 1), 0.9))
         assert not plateau.stopping_early
-    # ...the same plateau in the decay phase is: 3 epochs without progress.
+    # ...the same plateau in the decay phase is: its first epoch (29) starts the selection again, then 3 epochs
+    # without progress.
     for n in range(21, 32):
         plateau.update(epoch(n, 0.6, 0.9))
-    assert plateau.epochs_without_improvement == 3 and plateau.stopping_early
+        assert not plateau.stopping_early
+    plateau.update(epoch(32, 0.6, 0.9))
+    assert plateau.epochs_without_improvement == 3 and plateau.stopping_early and plateau.last_progress_epoch == 29
     # Perfect val accuracy: nothing more accurate to select, so patience counts at the peak LR too.
     perfect = TrainingState(patience=3, epochs=40, chance_ceiling=0.5, patience_from=29)
     for n in range(1, 5):
         perfect.update(epoch(n, 1.0, 0.05))
     assert perfect.stopping_early and perfect.best_epoch == 1
+
+
+def test_the_kept_model_is_the_best_epoch_once_epochs_count_not_a_lucky_one_at_the_peak_lr():
+    # 27 val images: one of them is 3.7 points. A peak-LR epoch (12) that got lucky on val is the best so far,
+    # and kept by an interrupted run; from the decay's first epoch (29) on, only counting epochs are candidates.
+    state = TrainingState(patience=3, epochs=40, chance_ceiling=0.5, patience_from=29)
+    for n in range(1, 29):
+        state.update(epoch(n, 0.889 if n == 12 else 0.815, 0.5))
+    assert state.best_epoch == 12 and not state.counting
+    for n, (accuracy, loss) in enumerate([(0.852, 0.40), (0.852, 0.35), (0.852, 0.36)], start=29):
+        state.update(epoch(n, accuracy, loss))
+    assert state.counting and state.best_epoch == 30 and state.best_val_accuracy == 0.852
+    assert state.last_progress_epoch == 30 and state.epochs_without_improvement == 1
+    # A perfect val counts at once, as it starts wsd's decay (nothing more accurate can come).
+    perfect = TrainingState(patience=3, epochs=40, chance_ceiling=0.5, patience_from=29)
+    for n, accuracy in enumerate([0.9, 0.95, 1.0, 1.0], start=1):
+        perfect.update(epoch(n, accuracy, 0.2 / n))
+    assert perfect.counting and perfect.best_epoch == 4 and perfect.last_progress_epoch == 4
+    # Schedules without a stable phase (patience_from 1) count from the first epoch: the selection is as before.
+    cosine = TrainingState(patience=3, epochs=40, chance_ceiling=0.5)
+    for n, accuracy in enumerate([0.6, 0.9, 0.8], start=1):
+        cosine.update(epoch(n, accuracy, 0.3))
+    assert cosine.best_epoch == 2
 
 
 def test_a_perfect_val_in_the_stable_phase_starts_the_decay_and_shortens_the_run():
