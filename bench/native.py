@@ -185,10 +185,17 @@ def paired(args) -> None:
                                                 params.evaluate.batch_size), mosaics)
         interval = bootstrap_ci(scores[run], seed=params.seed)
         print(f"- {run}: native grid PG {interval.mean:.3f} [{interval.low:.3f}, {interval.high:.3f}]")
-    for a, b in zip(args.runs[0::2], args.runs[1::2]):
+    pairs = list(zip(args.runs[0::2], args.runs[1::2]))
+    for a, b in pairs:
         difference = bootstrap_ci(scores[a] - scores[b], seed=params.seed)
         print(f"- {a} − {b}: {difference.mean:+.3f} [{difference.low:+.3f}, {difference.high:+.3f}], "
               f"paired p {p_text(paired_p_value(scores[a], scores[b], seed=params.seed))}")
+    if len(pairs) > 1:  # each mosaic's score averaged over the training seeds, then paired as above
+        first = torch.stack([scores[a] for a, _ in pairs]).mean(0)
+        second = torch.stack([scores[b] for _, b in pairs]).mean(0)
+        difference = bootstrap_ci(first - second, seed=params.seed)
+        print(f"- mean over the {len(pairs)} pairs: {difference.mean:+.3f} [{difference.low:+.3f}, "
+              f"{difference.high:+.3f}], paired p {p_text(paired_p_value(first, second, seed=params.seed))}")
 
 
 def cell(entry: dict, key: str) -> str:

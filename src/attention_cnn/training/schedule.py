@@ -143,7 +143,8 @@ class TrainingState:
     tracked (an interrupted run has one), then the selection starts again there. Weights at wsd's peak LR are
     iterates the decay has yet to settle, and on a small val split one lucky epoch among them outranked every
     decayed one: on cluttered shapes at 60 per class (27 val images) the kept peak-LR epoch scored 0.870 on 300
-    unseen images, the decayed epochs up to 0.927 (BENCHMARKS.md, "Model selection after the decay")."""
+    unseen images, the decayed epochs up to 0.927 (BENCHMARKS.md, "The kept model: the best of the epochs that
+    count")."""
     patience: int
     epochs: int
     chance_ceiling: float = 0.0
