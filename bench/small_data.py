@@ -25,7 +25,9 @@ are scored on it, and the kept model at the end. At 60 images per class the test
 so one image moves their accuracy by 3.7 points; the probe's 300 images give the learning curve and the final
 accuracy with a tenth of that grain. "Probe steps to 90 %" is the first epoch at or above 0.9 × the kept model's
 probe accuracy: the issue's "90 % of the final accuracy", read off the curve itself rather than off val's
-best. Scoring the probe uses no RNG, so every run trains exactly as without it.
+best. Scoring the probe uses no RNG, so every run trains exactly as without it. --out also keeps each epoch's
+probe and test accuracy (`probe_curve`, `test_curve`) and val loss, so that other model-selection rules can be
+compared on the same runs afterwards.
 """
 
 from __future__ import annotations
