@@ -118,11 +118,10 @@ def one_run(kind: str, per_class: int, overrides: list[str], seed: int, probe: i
         write_images(tmp / "folder", kind, per_class, seed)
         params = params_with([f"seed={seed}", *overrides], tmp / "folder")
         prepare(params, tmp / "prepared", progress=False)
-        classes = load_split(tmp / "prepared", "train").classes
+        train_split, test = load_split(tmp / "prepared", "train"), load_split(tmp / "prepared", "test")
+        classes = train_split.classes
         curve, test_curve, on_epoch_end = [], [], None
         if probe:
-            test_split = load_split(tmp / "prepared", "test")  # its accuracy after every epoch too
-            test_x, test_y = test_split.images, test_split.labels
             write_images(tmp / "probe", kind, probe, seed + 1000)
             probe_x, probe_y = probe_images(tmp / "probe", [f"seed={seed}", *overrides], tmp / "probe-prepared",
                                             classes)
@@ -133,15 +132,15 @@ def one_run(kind: str, per_class: int, overrides: list[str], seed: int, probe: i
                 (checkpoint,) = (tmp / "ckpt").glob("*.pt")
                 now.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True)["model"])
                 curve.append((predict_logits(now, probe_x, 256).argmax(1).cpu() == probe_y).float().mean().item())
-                test_curve.append((predict_logits(now, test_x, 256).argmax(1).cpu() == test_y).float().mean().item())
+                test_curve.append((predict_logits(now, test.images, 256).argmax(1).cpu() == test.labels)
+                                  .float().mean().item())
 
         started = time.perf_counter()
         result = train(params, tmp / "prepared", tmp / "model.pt", tmp / "ckpt", metrics_dir=None, progress=False,
                        on_epoch_end=on_epoch_end)
         seconds = time.perf_counter() - started
-        plan = plan_training(params.train, len(load_split(tmp / "prepared", "train")))
+        plan = plan_training(params.train, len(train_split))
         model = load_for_inference(tmp / "model.pt").model
-        test = load_split(tmp / "prepared", "test")
         accuracy = (predict_logits(model, test.images, 256).argmax(1).cpu() == test.labels).float().mean().item()
         probe_accuracy = ((predict_logits(model, probe_x, 256).argmax(1).cpu() == probe_y).float().mean().item()
                           if probe else None)

@@ -274,7 +274,7 @@ class AttentionCNN(nn.Module):
                 sharpened = scores * self.log_temperature.exp()
                 weights = sharpened.flatten(2).softmax(dim=2).view_as(scores)      # (B, K, h, w), sums to 1
                 return weights * scores
-            return scores * (1.0 if isinstance(self.attention, LTPAttention) else 1.0 / (h * w))
+            return scores * self._position_weight(h * w)
         pooled = self.attention.head_input(attended, head)                          # (B, D)
         coef = self._gated_coefficients(pooled)                                     # (B, K, D)
         if head == "flatten":
@@ -283,8 +283,12 @@ class AttentionCNN(nn.Module):
             peaks = (attended == pooled[:, :, None, None]).to(attended.dtype)      # (B, C, h, w)
             where = peaks / peaks.sum(dim=(2, 3), keepdim=True)
             return torch.einsum("bkc,bchw->bkhw", coef * pooled[:, None, :], where)
-        weight = 1.0 if isinstance(self.attention, LTPAttention) else 1.0 / (h * w)  # gap: sum or average
-        return torch.einsum("bkc,bchw->bkhw", coef, attended) * weight
+        return torch.einsum("bkc,bchw->bkhw", coef, attended) * self._position_weight(h * w)  # gap
+
+    def _position_weight(self, positions: int) -> float:
+        """Each position's weight in the pooled value of `cam` and `gap` (Attention.head_input): an average, or
+        for `ltpa` the sum its mask already weights."""
+        return 1.0 if isinstance(self.attention, LTPAttention) else 1.0 / positions
 
     def class_offsets(self, attended: torch.Tensor) -> torch.Tensor:
         """What the logits add to the maps' sums (B, K): the last layer's bias, and for the hidden-layer heads the
