@@ -124,11 +124,26 @@ def test_a_hidden_layer_head_s_class_map_is_gradient_times_input_at_the_attended
         assert ((maps[:, 0] != 0).flatten(1).sum(dim=1) <= C).all()
 
 
-def test_class_attention_weighs_each_class_by_its_own_softmax_over_positions():
-    """Written out by hand for one image: class k's logit is sum_s softmax_s(T z_k)_s z_ks + b_k, z_ks = W_k . f_s."""
-    model = tiny("conv", head="class_attention").eval()
+def neighbourhood_max(attended: torch.Tensor, window: int) -> torch.Tensor:
+    """(C, h, w) -> each channel's maximum over the window x window positions around each position that lie on
+    the map: by hand, one shifted copy per offset."""
+    C_, h, w = attended.shape
+    r = window // 2
+    padded = torch.full((C_, h + 2 * r, w + 2 * r), float("-inf"))
+    padded[:, r:r + h, r:r + w] = attended
+    shifted = [padded[:, dy:dy + h, dx:dx + w] for dy in range(window) for dx in range(window)]
+    return torch.stack(shifted).amax(dim=0)
+
+
+@pytest.mark.parametrize("window", [1, 3])
+def test_class_attention_weighs_each_class_by_its_own_softmax_over_positions(window):
+    """Written out by hand for one image: class k's logit is sum_s softmax_s(T z_k)_s z_ks + b_k, z_ks = W_k . f_s,
+    f_s each channel's maximum over the model.class_window square around s (the position alone at 1)."""
+    model = tiny("conv", head="class_attention", class_window=window).eval()
     out = model(torch.rand(1, 3, IMG, IMG))
-    features = out.attended[0].flatten(1)                        # (C, h*w)
+    features = neighbourhood_max(out.attended[0], window).flatten(1)   # (C, h*w)
+    if window > 1:
+        assert not torch.equal(features, out.attended[0].flatten(1))
     weight, bias = model.head[-1].weight, model.head[-1].bias    # (K, C), (K,)
     temperature = model.log_temperature.exp()
     assert temperature.item() == pytest.approx(CLASS_ATTENTION_TEMPERATURE)  # before training
@@ -238,6 +253,21 @@ def test_saved_model_round_trips_to_identical_logits(tmp_path):
     assert torch.equal(before.logits, after.logits)
     assert torch.equal(before.mask, after.mask)
     assert list(tmp_path.iterdir()) == [path]  # written atomically: no temp file left behind
+
+
+def test_a_class_attention_model_saved_before_class_window_loads_with_the_position_alone(tmp_path):
+    """Model files written before model.class_window scored each position alone: they must load as they were
+    trained, not with the new default window."""
+    model = trained_statistics(tiny("conv", head="class_attention", class_window=1))
+    path = save_model(tmp_path / "model.pt", model, classes=["a", "b", "c", "d"], resize="stretch")
+    blob = torch.load(path, weights_only=True)
+    del blob["params"]["class_window"]
+    torch.save(blob, path)
+    loaded = load_model(path)
+    assert loaded.model.params.class_window == 1
+    x = torch.rand(5, 3, IMG, IMG)
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, loaded.model(x).logits)
 
 
 def test_load_model_names_a_missing_file(tmp_path):

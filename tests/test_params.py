@@ -33,6 +33,7 @@ def test_missing_keys_take_defaults_and_ints_are_accepted_for_floats():
         ({"train": {"epochs": True}}, "'train.epochs'", "'auto' or an integer"),
         ({"train": {"epochs": "many"}}, "'train.epochs'", "'auto' or an integer"),
         ({"model": {"head": "mlp"}}, "'model.head'", "'gmp', 'gap', 'flatten'"),
+        ({"model": {"class_window": 2}}, "'model.class_window'", "must be odd"),
         ({"train": {"flip": "vertical"}}, "'train.flip'", "'horizontal', 'both', 'none'"),
         ({"train": {"rotate": 200}}, "'train.rotate'", "<= 180.0"),
         ({"train": {"label_smoothing": 1}}, "'train.label_smoothing'", "< 1.0"),

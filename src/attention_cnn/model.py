@@ -254,11 +254,15 @@ class AttentionCNN(nn.Module):
 
         `cam` (Zhou et al. 2016): logits = W pool(attended) + b with pooling linear (an average; for `ltpa` the
         sum its mask weights), so position s's share of logit k is W_k . attended[:, :, s] times the pooling weight.
-        `class_attention`: class k pools its own scores z_ks = W_k . attended[:, :, s] with its own attention over
+        `class_attention`: class k pools its own scores z_ks = W_k . window[:, :, s] with its own attention over
         positions, a_k = softmax_s(T z_k) with T a learned temperature, so logit k = sum_s a_ks z_ks + b_k and
         a_ks z_ks is position s's share. One mask per class (as Attention Branch Networks' class-wise maps, Fukui
         et al. 2019): where two classes are in view, each class's logit, and its map, come from the positions
-        that look like it.
+        that look like it. window[:, c, s] is channel c's maximum over the model.class_window square around s:
+        with the position alone (1) a class score must find the whole object in one position's receptive field,
+        and on cluttered shapes at 60 per class the head learned less surely than `gmp`, which combines channel
+        maxima from anywhere; with 3 it learned them as surely (BENCHMARKS.md, "A neighbourhood for each class
+        score").
         `gmp`, `gap`, `flatten` (pool or flatten -> Linear U -> ReLU -> Linear V): the ReLU is a gate, open or
         shut for this input, so the head is linear in what it sees, logits = G(x) . pooled + offset with
         G(x) = V diag(open) U (as B-cos reads W(x) x off a dynamic-linear network, Boehle et al. 2022). `gmp`'s
@@ -269,6 +273,9 @@ class AttentionCNN(nn.Module):
         head = self.params.head
         B, C, h, w = attended.shape
         if head in CLASS_MAP_HEADS:
+            if head == "class_attention" and self.params.class_window > 1:
+                k = self.params.class_window
+                attended = F.max_pool2d(attended, k, stride=1, padding=k // 2)      # (B, C, h, w)
             scores = torch.einsum("bchw,kc->bkhw", attended, self.head[-1].weight)   # (B, K, h, w)
             if head == "class_attention":
                 sharpened = scores * self.log_temperature.exp()
@@ -389,6 +396,8 @@ def _read_model_file(path: Path, map_location: torch.device | str) -> tuple[dict
     stored = blob.get("params")
     if isinstance(stored, dict) and "head" not in stored:  # written before model.head: the seed's head then
         stored = {**stored, "head": "flatten"}
+    if isinstance(stored, dict) and "class_window" not in stored:  # written before it: the position alone then
+        stored = {**stored, "class_window": 1}
     try:  # the same schema as params.yaml, so a wrong type or an absurd size is refused before allocation
         checked = parse_params({"img_size": blob.get("img_size"), "model": stored})
     except ParamsError as exc:

@@ -94,6 +94,7 @@ class ModelParams:
     hidden: int = field(default=256, metadata=_int(1, 65_536))
     dropout: float = field(default=0.0, metadata=_float(0.0, 1.0, hi_open=True))
     head: str = field(default="gmp", metadata=_choice(*HEADS))
+    class_window: int = field(default=3, metadata=_int(1, 31))  # odd: centred on its position (parse_params)
 
 
 @dataclass(frozen=True)
@@ -186,6 +187,8 @@ MEANINGS = {
     "model.head": "what the classifier sees of the attended map: its maximum (`gmp`), average (`gap`), "
                   "the whole map (`flatten`), class activation maps (`cam`), or each class's own softmax attention "
                   "over positions of its class map (`class_attention`)",
+    "model.class_window": "with `class_attention`, each position's class score reads each channel's maximum over "
+                          "this odd-sided square of positions around it (1: the position alone)",
     "train.epochs": "`auto`: enough epochs for `train.steps` steps; an integer: that many single passes",
     "train.steps": "with `epochs: auto`, optimizer steps at most, whatever the folder's size",
     "train.val_every": "with `epochs: auto`, an epoch is whole passes of at least this many steps",
@@ -334,6 +337,9 @@ def parse_params(raw: Any) -> Params:
         raise ParamsError(f"params.yaml: 'train.nnodes' is {params.train.nnodes}, so 'train.rdzv_endpoint' must be "
                           f"host:port of the first machine, where the others join it (e.g. "
                           f"`dvc exp run -S train.rdzv_endpoint=10.0.0.1:29500`).")
+    if params.model.class_window % 2 == 0:
+        raise ParamsError(f"params.yaml: 'model.class_window' must be odd (1, 3, 5, ...), so that the window is "
+                          f"centred on its position, got {params.model.class_window}.")
     _check_source(params.data.source)
     return params
 
